@@ -1,0 +1,1 @@
+"""Training system for RDI-Net: config, DALI data, staged DeepSpeed training, evaluation."""

@@ -1,0 +1,235 @@
+"""Speed of RDI-Net against the static ResNet, each baseline measured in the same run.
+
+    python -m pipeline.bench [--device cuda] [--out benchmarks/results/NAME.json]
+
+1. training img/s: static backbone on synthetic data (baseline), RDI-Net joint mode on synthetic
+   data (router + SRM overhead), RDI-Net fed by the DALI loader (loader overhead);
+2. inference img/s at batch 256 and 1: static vs RDI-Net with real skipping at execution rates
+   1.0, 0.65, 0.5, 0.3 (random decisions), next to the cost ratio;
+3. SRM histogram + rank loss time per batch.
+Times are medians of repeated timed windows after warm-up (CUDA events on the GPU). On the CPU
+it runs at tiny sizes (--tiny) so the tests cover it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import rdinet
+from rdinet import model_cost, srm
+from rdinet.losses import total_loss
+
+ARCHS = {"resnet50": (224, 1000), "resnet110": (32, 10)}
+RATES = (1.0, 0.65, 0.5, 0.3)
+
+
+class Timer:
+    """Seconds per call of `fn`: median over `repeats` windows of `iters` calls, after `warmup` calls."""
+
+    def __init__(self, device: torch.device, warmup: int, iters: int, repeats: int):
+        self.device, self.warmup, self.iters, self.repeats = device, warmup, iters, repeats
+
+    def __call__(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(self.iters):
+                    fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1000 / self.iters)
+            else:
+                tick = time.perf_counter()
+                for _ in range(self.iters):
+                    fn()
+                times.append((time.perf_counter() - tick) / self.iters)
+        return statistics.median(times)
+
+
+def make_model(arch: str, classes: int, mode: str, device, d: int = 256):
+    model = rdinet.create_model(arch, num_classes=classes, d=d).to(device, memory_format=torch.channels_last)
+    return model.set_mode(mode)
+
+
+def train_step_fn(model, batch_source, bf16: bool, mean, std, joint: bool):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    device_type = next(model.parameters()).device.type
+
+    def step():
+        images, labels = batch_source()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(images)
+        if joint:
+            hist = srm.color_histograms(images, bins=16, mean=mean, std=std)
+            loss = total_loss(out.logits.float(), labels, out.gates.float(), hist, t=0.5, alpha=0.2)["loss"]
+        else:
+            loss = F.cross_entropy(out.logits.float(), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def synthetic(batch: int, size: int, classes: int, device):
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, classes, (batch,), device=device)
+    return lambda: (images, labels)
+
+
+def from_loader(loader):
+    """Endless batches from a DALI loader (epochs roll over)."""
+    state = {"it": iter(loader)}
+
+    def next_batch():
+        try:
+            return next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            return next(state["it"])
+    return next_batch
+
+
+def generated_loader(arch: str, batch: int, device, tmp: Path, tiny: bool):
+    from pipeline.data import build_loader
+    from pipeline.data.generate import ensure_generated
+    size, classes = ARCHS[arch]
+    dataset = "imagenet" if size == 224 else "cifar10"
+    cfg = {"dataset": dataset, "root": str(tmp / dataset), "generate": True, "batch_size": batch,
+           "generated_size": 4 if tiny else max(64, 4 * batch // 10), "generated_val_size": 2,
+           "num_threads": 2 if tiny else 12, "dtype": "bfloat16" if device.type == "cuda" else "float32",
+           "device": "gpu" if device.type == "cuda" else "cpu", "image_size": 224 if not tiny else 64}
+    if dataset == "imagenet":
+        cfg["generated_image_px"] = 64 if tiny else 400
+    ensure_generated(cfg)
+    loader = build_loader(cfg, "train", device_id=0 if device.type == "cuda" else None)
+    return loader
+
+
+def bench_training(arch, batch, device, timer, tiny, tmp) -> dict:
+    size, classes = ARCHS[arch]
+    if tiny:
+        size = 64 if size == 224 else size
+    bf16 = device.type == "cuda"
+    data = synthetic(batch, size, classes, device)
+    mean, std = (123.7, 116.3, 103.5), (58.4, 57.1, 57.4)
+    static = make_model(arch, classes, "full", device).train()
+    for p in static.router_parameters():
+        p.requires_grad_(False)
+    result = {"static_synthetic": batch / timer(train_step_fn(static, data, bf16, mean, std, joint=False))}
+    del static
+    joint = make_model(arch, classes, "joint", device).train()
+    result["rdinet_synthetic"] = batch / timer(train_step_fn(joint, data, bf16, mean, std, joint=True))
+    try:
+        loader = generated_loader(arch, batch, device, tmp, tiny)
+    except ImportError as err:  # DALI missing on this machine
+        result["rdinet_dali"] = None
+        result["dali_error"] = str(err)
+    else:
+        step = train_step_fn(joint, from_loader(loader), bf16, loader.mean, loader.std, joint=True)
+        result["rdinet_dali"] = batch / timer(step)
+    result["ratio_joint_vs_static"] = result["rdinet_synthetic"] / result["static_synthetic"]
+    if result["rdinet_dali"]:
+        result["ratio_dali_vs_synthetic"] = result["rdinet_dali"] / result["rdinet_synthetic"]
+    return result
+
+
+@torch.no_grad()
+def bench_inference(arch, batch, device, timer, tiny) -> dict:
+    size, classes = ARCHS[arch]
+    if tiny:
+        size = 64 if size == 224 else size
+    bf16 = device.type == "cuda"
+    images, _ = synthetic(batch, size, classes, device)()
+    model = make_model(arch, classes, "full", device).eval()
+
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model(images)
+    static = batch / timer(run)
+    rows = {"static": {"img_s": static, "ratio": 1.0, "speedup": 1.0}}
+    model.set_mode("uniform")
+    for rate in RATES:
+        model.uniform_rate = rate
+        for executor in ("skip", "masked"):
+            model.executor = executor
+            torch.manual_seed(0)
+            gates = run().gates
+            cost = model_cost(model, gates.float(), input_size=(3, size, size))
+            # Random decisions are resampled every call; their rate is what is being measured.
+            img_s = batch / timer(run)
+            rows[f"{executor}@{rate}"] = {"img_s": img_s, "ratio": float(cost["ratio"]),
+                                          "exec_rate": float(gates.float().mean()), "speedup": img_s / static}
+    return rows
+
+
+def bench_srm(batch, size, device, timer) -> dict:
+    images = torch.randn(batch, 3, size, size, device=device)
+    paths = torch.rand(batch, 54, device=device, requires_grad=True)
+    mean, std = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
+
+    def run():
+        hist = srm.color_histograms(images, bins=16, mean=mean, std=std)
+        srm.rank_loss(paths, hist).backward()
+    return {"ms_per_batch": 1000 * timer(run)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--tiny", action="store_true", help="small sizes and few iterations (CPU smoke run)")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    batch = 8 if args.tiny else args.batch
+    timer = Timer(device, warmup=1 if args.tiny else 10, iters=1 if args.tiny else 10, repeats=2 if args.tiny else 5)
+    torch.backends.cudnn.benchmark = True
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+               "torch": torch.__version__, "batch": batch, "train": {}, "inference": {}, "srm": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.archs:
+            if not args.skip_train:
+                results["train"][arch] = bench_training(arch, batch, device, timer, args.tiny, Path(tmp))
+            results["inference"][arch] = {f"batch{b}": bench_inference(arch, b, device, timer, args.tiny)
+                                          for b in (batch, 1)}
+            size = ARCHS[arch][0] if not args.tiny else 32
+            results["srm"][arch] = bench_srm(batch, size, device, timer)
+    print_table(results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print(f"device {results['device']}, torch {results['torch']}, batch {results['batch']}")
+    for arch, r in results["train"].items():
+        print(f"train {arch}: static {r['static_synthetic']:.0f} img/s | rdinet {r['rdinet_synthetic']:.0f} "
+              f"({r['ratio_joint_vs_static']:.2f}x) | rdinet+dali "
+              + (f"{r['rdinet_dali']:.0f} ({r['ratio_dali_vs_synthetic']:.2f}x of synthetic)" if r["rdinet_dali"] else "n/a"))
+    for arch, by_batch in results["inference"].items():
+        for b, rows in by_batch.items():
+            cells = " | ".join(f"{k} {v['img_s']:.0f} img/s ({v['speedup']:.2f}x, cost {v['ratio']:.2f})"
+                               for k, v in rows.items())
+            print(f"infer {arch} {b}: {cells}")
+    for arch, r in results["srm"].items():
+        print(f"srm {arch}: {r['ms_per_batch']:.2f} ms per batch")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

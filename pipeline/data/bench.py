@@ -1,0 +1,135 @@
+"""Loader benchmark: DALI loader alone, training fed by it, and the same training on synthetic data.
+
+    python -m pipeline.data.bench --dataset imagenet --device cuda        # ResNet-50, 224 px
+    python -m pipeline.data.bench --dataset cifar10 --device cuda         # CIFAR ResNet-32
+    python -m pipeline.data.bench --dataset imagenet --device cpu --batch-size 4 --steps 2 \
+        --image-count 16 --image-size 64                             # seconds, for tests
+
+Data: a generated dataset in the real layout (ImageNet-like JPEGs of about --image-px pixels,
+or CIFAR pickles), written to --root (a temporary folder by default). Training: bf16 autocast
+(fp32 on the CPU by default), channels_last, SGD, cross-entropy. Each figure is images per second
+over --steps steps after --warmup untimed ones. The last line is `RESULT {json}` for scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from . import build_loader
+from .generate import ensure_generated
+
+
+def _model(dataset: str) -> torch.nn.Module:
+    if dataset == "imagenet":
+        import torchvision
+
+        return torchvision.models.resnet50(num_classes=10)
+    import rdinet
+
+    model = rdinet.create_model("resnet32", num_classes=10)
+    model.set_mode("full")  # the static ResNet: every block runs
+    return model
+
+
+def _batches(loader, count: int):
+    """`count` batches, running through as many epochs as needed."""
+    return itertools.islice(itertools.chain.from_iterable(iter(loader) for _ in itertools.count()), count)
+
+
+def _timed(run, steps: int, warmup: int, batch_size: int, device: torch.device) -> float:
+    """img/s of run(n) (which does n steps) over `steps` steps, after `warmup` untimed ones."""
+    run(warmup)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run(steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.data.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=("imagenet", "cifar10"), default="imagenet")
+    parser.add_argument("--device", choices=("cuda", "cpu"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--image-count", type=int, default=5120, help="generated training images")
+    parser.add_argument("--image-px", type=int, default=448, help="generated JPEG side (ImageNet-like)")
+    parser.add_argument("--image-size", type=int, default=224, help="ImageNet crop side")
+    parser.add_argument("--num-threads", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--prefetch", type=int, default=3)
+    parser.add_argument("--hw-decoder-load", type=float, default=0.65)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                        help="bf16 autocast and bf16 batches (default on cuda) or fp32 (default on cpu, "
+                             "where bf16 is emulated and slow)")
+    parser.add_argument("--root", help="where the generated data is written (kept); default: a temp folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    bf16 = (args.precision or ("bf16" if cuda else "fp32")) == "bf16"
+    classes = 10
+    data_cfg = {"dataset": args.dataset, "root": args.root or tempfile.mkdtemp(prefix="rdinet-bench-"),
+                "generate": True, "generated_classes": classes, "generated_val_size": 1,
+                "generated_size": math.ceil(args.image_count / classes), "generated_image_px": args.image_px,
+                "batch_size": args.batch_size, "num_threads": args.num_threads, "prefetch": args.prefetch,
+                "dtype": "bfloat16" if bf16 else "float32", "device": "gpu" if cuda else "cpu",
+                "image_size": args.image_size, "hw_decoder_load": args.hw_decoder_load}
+    ensure_generated(data_cfg)
+    loader = build_loader(data_cfg, "train", device_id=(device.index or 0) if cuda else None)
+
+    model = _model(args.dataset).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def train(batches):
+        for images, labels in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(images)
+                logits = out.logits if hasattr(out, "logits") else out  # rdinet returns RDIOutput
+                loss = torch.nn.functional.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def consume(steps):
+        for _ in _batches(loader, steps):
+            pass
+
+    side = args.image_size if args.dataset == "imagenet" else 32
+    synthetic = (torch.randn(args.batch_size, 3, side, side, device=device, dtype=loader.dtype)
+                 .contiguous(memory_format=torch.channels_last),
+                 torch.randint(0, classes, (args.batch_size,), device=device))
+    timing = dict(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, device=device)
+    result = {
+        "loader_img_s": _timed(consume, **timing),
+        "train_loader_img_s": _timed(lambda n: train(_batches(loader, n)), **timing),
+        "train_synthetic_img_s": _timed(lambda n: train(itertools.repeat(synthetic, n)), **timing),
+    }
+    result["loader_fed_fraction"] = result["train_loader_img_s"] / result["train_synthetic_img_s"]
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(f"{args.dataset} (generated, {loader.num_samples} images), batch {args.batch_size}, {name}, "
+          f"DALI {'gpu' if cuda else 'cpu'} with {args.num_threads} threads, {'bf16' if bf16 else 'fp32'}")
+    print(f"loader only:              {result['loader_img_s']:10.1f} img/s")
+    print(f"training, loader-fed:     {result['train_loader_img_s']:10.1f} img/s")
+    print(f"training, synthetic data: {result['train_synthetic_img_s']:10.1f} img/s")
+    print(f"loader-fed / synthetic:   {result['loader_fed_fraction']:10.2f}")
+    print("RESULT " + json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

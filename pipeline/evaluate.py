@@ -1,0 +1,146 @@
+"""Evaluation: top-1/top-5, cost per image from hard decisions, per-block execution rates.
+
+    python -m pipeline.evaluate --run-dir runs/cifar10_r110 [--run-dir runs/other ...] [--stage joint]
+
+writes `<run>/<stage>/eval.json` and `<run>/<stage>/block_rates.png` for each run, and
+`accuracy_vs_cost.png` (all runs given) into the first run directory (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from rdinet import model_cost
+
+
+@torch.no_grad()
+def evaluate(model, net, loader, accelerator, mode: str, cfg: dict, bf16: bool) -> dict:
+    """Run the validation split once. `model` is what is called (a DeepSpeed engine or the plain
+    module), `net` the plain module (for modes and cost). Padding samples (label -1) are ignored.
+    Sums are reduced across processes when `accelerator` is given."""
+    was_training = net.training
+    model.eval()
+    net.set_mode(mode)
+    device = next(net.parameters()).device
+    sums = torch.zeros(5, device=device)  # top-1, top-5, samples, GMACs x samples, ratio x samples
+    gate_sum = torch.zeros(net.num_blocks, device=device)
+    size = (3, loader_image_size(cfg), loader_image_size(cfg))
+    for images, labels in loader:
+        if not bf16:
+            images = images.float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and accelerator is None):
+            out = model(images)
+        valid = labels >= 0
+        if not valid.any():
+            continue
+        logits, labels, gates = out.logits[valid].float(), labels[valid], out.gates[valid].float()
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        cost = model_cost(net, gates, input_size=size)
+        n = gates.shape[0]
+        sums += torch.tensor([float((topk[:, 0] == labels).sum()), float((topk == labels[:, None]).any(1).sum()),
+                              n, cost["gmacs"] * n, cost["ratio"] * n], device=device)
+        gate_sum += gates.sum(0)
+    if accelerator is not None:
+        packed = accelerator.reduce(torch.cat([sums, gate_sum]), reduction="sum")
+        sums, gate_sum = packed[:5], packed[5:]
+    top1, top5, count, gmacs, ratio = (float(v) for v in sums)
+    n = max(count, 1.0)
+    model.train(was_training)
+    return {"top1": top1 / n, "top5": top5 / n, "samples": int(count), "gmacs": gmacs / n,
+            "gflops": 2 * gmacs / n, "ratio": ratio / n, "exec_rate": float(gate_sum.sum()) / n / net.num_blocks,
+            "block_rates": [float(r) / n for r in gate_sum]}
+
+
+def loader_image_size(cfg: dict) -> int:
+    return cfg["data"]["image_size"] if cfg["data"]["dataset"] == "imagenet" else 32
+
+
+def evaluate_run(run_dir: Path, stage: str, data_overrides: list[str]) -> dict:
+    """Evaluate a completed stage's export on one process (GPU if there is one)."""
+    from pipeline import checkpoint as ckpt
+    from pipeline.config import load_config, parse_overrides, _merge
+    from pipeline.data import build_loader
+    from pipeline.trainer import build_model, stage_mode
+
+    manifest = ckpt.read_manifest(run_dir / stage)
+    if manifest is None:
+        raise FileNotFoundError(f"{run_dir}/{stage}/final/manifest.json not found: the '{stage}' stage of "
+                                f"this run has not completed (run pipeline/train.py --run-dir {run_dir})")
+    cfg = manifest["config"]
+    _merge(cfg, parse_overrides(data_overrides))
+    model = build_model(cfg)
+    model.load_state_dict(ckpt.load_final_weights(run_dir / stage, cfg["model"]["arch"], cfg["model"]["num_classes"]))
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    model = model.to(device, memory_format=torch.channels_last)
+    loader = build_loader(cfg["data"], "val", device_id=0 if on_gpu else None, seed=cfg["seed"])
+    mode = "full" if stage_mode(cfg, stage) == "uniform" else stage_mode(cfg, stage)
+    metrics = evaluate(model, model, loader, None, mode, cfg, bf16=on_gpu)
+    metrics.update(run=str(run_dir), stage=stage, job=cfg["job"], arch=cfg["model"]["arch"], mode=mode,
+                   t=cfg["loss"]["t"])
+    (run_dir / stage / "eval.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def plot_block_rates(metrics: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rates = metrics["block_rates"]
+    fig, ax = plt.subplots(figsize=(max(6, len(rates) * 0.18), 3))
+    ax.bar(range(1, len(rates) + 1), rates, color="tab:blue")
+    ax.set_xlabel("block")
+    ax.set_ylabel("execution rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{metrics['job']} ({metrics['stage']}): top-1 {metrics['top1']:.3f}, ratio {metrics['ratio']:.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_cost(all_metrics: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for m in all_metrics:
+        ax.scatter(m["gflops"], 100 * m["top1"])
+        ax.annotate(f"{m['job']}/{m['stage']}", (m["gflops"], 100 * m["top1"]), fontsize=7)
+    ax.set_xlabel("GFLOPs per image")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate completed RDI-Net runs")
+    parser.add_argument("--run-dir", action="append", required=True, type=Path)
+    parser.add_argument("--stage", default=None, help="warmup or joint (default: the last completed)")
+    parser.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
+                        help="override data keys, e.g. data.root on another machine")
+    parser.add_argument("--out", type=Path, default=None, help="where to write accuracy_vs_cost.png")
+    args = parser.parse_args(argv)
+    results = []
+    try:
+        for run in args.run_dir:
+            stage = args.stage or ("joint" if (run / "joint" / "final").is_dir() else "warmup")
+            metrics = evaluate_run(run, stage, args.set)
+            plot_block_rates(metrics, run / stage / "block_rates.png")
+            print(json.dumps({k: v for k, v in metrics.items() if k != "block_rates"}))
+            results.append(metrics)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or args.run_dir[0]
+    plot_accuracy_vs_cost(results, out / "accuracy_vs_cost.png" if out.is_dir() else out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

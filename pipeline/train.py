@@ -1,0 +1,79 @@
+"""Train RDI-Net: the USW warm-up stage and the joint stage, each resumable, handing on a checkpoint.
+
+    accelerate launch pipeline/train.py [--job jobs/cifar10_r110.yaml] [--stage warmup|joint]
+                                        [--run-dir runs/NAME] [--set key.sub=value ...]
+
+Without --job it runs jobs/demo.yaml (generated data, both stages, minutes on a CPU). Without
+--stage it runs every stage not yet complete, in order. Re-running an interrupted stage resumes it
+from its latest checkpoint; re-running a completed one says so and exits 0.
+
+Exit codes: 0 done; 2 bad job, config, data or run directory; 75 stopped by SIGTERM/SIGUSR1 (or
+train.stop_at_step) after writing a checkpoint: requeue and run again to resume; 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch pipeline/train.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import checkpoint as ckpt  # noqa: E402
+from pipeline.config import ConfigError, STAGES, enabled_stages, load_config  # noqa: E402
+from pipeline.rundir import prepare_run_dir  # noqa: E402
+
+USAGE_EXIT = 2
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", default=None, help="job YAML (default: jobs/demo.yaml)")
+    parser.add_argument("--stage", choices=STAGES, default=None, help="run one stage (default: all pending)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<job>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=0.2 --set data.root=/data")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.job, args.set)
+        run_dir = args.run_dir or Path("runs") / cfg["job"]
+        stages = enabled_stages(cfg)
+        if args.stage is not None and args.stage not in stages:
+            raise ConfigError(f"stage '{args.stage}' is disabled in this job (stages.{args.stage}.epochs is 0)")
+        todo = [args.stage] if args.stage else stages
+        prepare_run_dir(run_dir, cfg)
+    except (ConfigError, ValueError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_EXIT
+
+    from pipeline.data import DataError
+    from pipeline.trainer import run_stage
+    for stage in todo:
+        if ckpt.read_manifest(run_dir / stage) is not None:
+            print(f"{stage}: already complete ({run_dir / stage / 'final'}); nothing to do")
+            continue
+        if stage == "joint" and "warmup" in stages and ckpt.read_manifest(run_dir / "warmup") is None:
+            job = f" --job {args.job}" if args.job else ""
+            print(f"error: the joint stage starts from the completed warm-up, and {run_dir / 'warmup' / 'final'} "
+                  f"does not exist. Run it first: accelerate launch pipeline/train.py{job} --run-dir {run_dir} "
+                  f"--stage warmup", file=sys.stderr)
+            return USAGE_EXIT
+        try:
+            code = run_stage(cfg, stage, run_dir)
+        except (ConfigError, DataError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return USAGE_EXIT
+        except FloatingPointError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        if code != 0:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

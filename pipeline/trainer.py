@@ -1,0 +1,255 @@
+"""One training stage (USW warm-up or joint), resumable, on a DeepSpeed engine prepared by accelerate.
+
+Reads top to bottom: build the model, loaders and optimizer; resume from the latest checkpoint;
+train epoch by epoch with validation; export the final weights and manifest.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import rdinet
+from rdinet import srm
+from rdinet.losses import total_loss
+from pipeline import checkpoint as ckpt
+from pipeline.data import build_loader
+from pipeline.data.generate import ensure_generated
+from pipeline.distributed import make_accelerator, use_bf16
+from pipeline.evaluate import evaluate
+from pipeline.schedule import make_scheduler, scaled_lr
+
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: checkpoint written on a signal; the SLURM templates requeue on it
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 set a flag; the step loop checkpoints and exits at the next step."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+
+def stage_mode(cfg: dict, stage: str) -> str:
+    return "uniform" if stage == "warmup" else cfg["stages"]["joint"]["mode"]
+
+
+def build_model(cfg: dict):
+    m = cfg["model"]
+    return rdinet.create_model(m["arch"], num_classes=m["num_classes"], gamma=m["gamma"], r=m["r"],
+                               d=m["d"], tau=m["tau"], straight_through=m["straight_through"])
+
+
+def init_weights(model, cfg: dict, stage: str, run_dir: Path, log) -> None:
+    """Joint after a warm-up starts from its export: blocks loaded, routers fresh (section 3.4)."""
+    if stage == "joint" and cfg["stages"]["warmup"]["epochs"] > 0:
+        weights = ckpt.load_final_weights(run_dir / "warmup", cfg["model"]["arch"], cfg["model"]["num_classes"])
+        blocks = {k: v for k, v in weights.items() if not k.startswith("routers.")}
+        missing, unexpected = model.load_state_dict(blocks, strict=False)
+        missing = [k for k in missing if not k.startswith("routers.")]
+        if missing or unexpected:
+            raise ValueError(f"warm-up export does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        log(f"joint: blocks initialised from {run_dir / 'warmup' / 'final'}; routers fresh")
+    elif cfg["model"]["pretrained"]:
+        from rdinet.backbones import load_torchvision_weights
+        load_torchvision_weights(model, cfg["model"]["pretrained"])
+        log(f"blocks initialised from torchvision weights {cfg['model']['pretrained']}")
+
+
+def trainable_parameters(model, mode: str):
+    """Routers train only in joint mode; elsewhere they are frozen so DeepSpeed sees no unused grads."""
+    for p in model.router_parameters():
+        p.requires_grad_(mode == "joint")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _sync_flags(stop: bool, loss: torch.Tensor, device) -> tuple[bool, bool]:
+    """One collective per step: did any rank get a stop signal, or a non-finite loss?"""
+    flags = torch.stack([torch.tensor(float(stop), device=device), (~torch.isfinite(loss.detach())).float()])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    stop_any, bad_any = flags.tolist()
+    return stop_any > 0, bad_any > 0
+
+
+def run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
+    """Train one stage; returns 0 when complete, REQUEUE_EXIT when stopped by a signal."""
+    try:
+        return _run_stage(cfg, stage, run_dir)
+    finally:
+        # The next stage builds its own engine in this process. accelerate allows one DeepSpeed
+        # plugin per AcceleratorState, so forget it (the process group itself stays up).
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
+    stage_dir = run_dir / stage
+    ckpt_dir = stage_dir / "checkpoints"
+    stopper = StopRequested()
+    accelerator = make_accelerator(cfg, str(run_dir))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    log = accelerator.print
+    on_gpu = accelerator.device.type == "cuda"
+    bf16 = use_bf16(cfg, on_gpu)
+    tcfg, stage_cfg = cfg["train"], cfg["stages"][stage]
+    mode = stage_mode(cfg, stage)
+
+    if tcfg["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.manual_seed(cfg["seed"])  # identical init everywhere (DeepSpeed broadcasts rank 0's too)
+    model = build_model(cfg)
+    init_weights(model, cfg, stage, run_dir, log)
+    model.set_mode(mode)
+    # Parameters stay contiguous: DeepSpeed flattens them. Convolutions follow the loader's
+    # channels_last images.
+    torch.manual_seed(cfg["seed"] * 1000 + rank + (1 if stage == "joint" else 0))  # per-rank Gumbel/USW noise
+
+    data_cfg = cfg["data"]
+    if data_cfg["generate"]:
+        ensure_generated(data_cfg)
+    device_id = accelerator.local_process_index if on_gpu else None
+    train_loader = build_loader(data_cfg, "train", shard_id=rank, num_shards=world, device_id=device_id, seed=cfg["seed"])
+    val_loader = build_loader(data_cfg, "val", shard_id=rank, num_shards=world, device_id=device_id, seed=cfg["seed"])
+    steps_per_epoch = len(train_loader)
+    global_batch = data_cfg["batch_size"] * world
+
+    optimizer = torch.optim.SGD(trainable_parameters(model, mode), lr=scaled_lr(cfg["optim"], global_batch),
+                                momentum=cfg["optim"]["momentum"], weight_decay=cfg["optim"]["weight_decay"],
+                                nesterov=cfg["optim"]["nesterov"])
+    scheduler = make_scheduler(optimizer, steps_per_epoch, stage_cfg["milestones"], cfg["optim"]["lr_decay"],
+                               cfg["optim"]["warmup_epochs"])
+    engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    net = accelerator.unwrap_model(engine)
+
+    state = {"stage": stage, "step": 0, "epoch": 0, "batch_in_epoch": 0}
+    latest = ckpt.latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        state = ckpt.load_checkpoint(accelerator, latest, train_loader)
+        log(f"{stage}: resumed from {latest} (epoch {state['epoch']}, step {state['step']})")
+    log(f"{stage}: {world} process(es), DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}, mode {mode}, {steps_per_epoch} steps/epoch, "
+        f"global batch {global_batch}")
+
+    writer = None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir / "tensorboard" / stage), purge_step=state["step"] + 1)
+
+    def save():
+        # Never let a checkpoint hold non-finite weights: the last one saved stays the last good one.
+        finite = torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all().float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            raise FloatingPointError(f"{stage}: non-finite weights after step {state['step']}; not saved. "
+                                     f"The last good checkpoint is kept in {ckpt_dir}; lower optim.lr.")
+        ckpt.save_checkpoint(accelerator, ckpt_dir, state, train_loader, tcfg["keep_checkpoints"])
+
+    metrics = {}
+    epochs = stage_cfg["epochs"]
+    loss_cfg = cfg["loss"]
+    while state["epoch"] < epochs:
+        engine.train()
+        net.set_mode(mode)
+        progress = _progress(accelerator, tcfg, stage, state, steps_per_epoch, epochs)
+        tick, seen = time.perf_counter(), 0
+        for images, labels in train_loader:
+            if not bf16:
+                images = images.float()
+            out = engine(images)
+            logits = out.logits.float()
+            if mode == "joint":
+                hist = srm.color_histograms(images, bins=loss_cfg["bins"], mean=train_loader.mean,
+                                            std=train_loader.std) if loss_cfg["alpha"] > 0 else None
+                terms = total_loss(logits, labels, out.gates.float(), hist, t=loss_cfg["t"],
+                                   alpha=loss_cfg["alpha"], phi=loss_cfg["phi"], tie_eps=loss_cfg["tie_eps"])
+            else:
+                cls = F.cross_entropy(logits, labels)
+                terms = {"loss": cls, "cls": cls}
+            stop, bad = _sync_flags(stopper.flag or state["step"] + 1 == tcfg["stop_at_step"], terms["loss"],
+                                    accelerator.device)
+            if bad:
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                raise FloatingPointError(
+                    f"{stage}: non-finite loss at step {state['step'] + 1} (epoch {state['epoch']}): {values}. "
+                    f"The last good checkpoint is kept in {ckpt_dir}; lower optim.lr or check the data.")
+            accelerator.backward(terms["loss"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            seen += images.shape[0] * world
+            if progress is not None:
+                progress.update(1)
+            if writer is not None and state["step"] % tcfg["log_every"] == 0:
+                rate = seen / (time.perf_counter() - tick)
+                _log_train(writer, state["step"], terms, out.gates, scheduler, rate, mode)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{float(terms['loss']):.3f}", img_s=f"{rate:.0f}")
+            if stop:
+                save()
+                log(f"{stage}: stop requested; checkpoint written at step {state['step']}; exiting for requeue")
+                return REQUEUE_EXIT
+            if tcfg["checkpoint_every"] > 0 and state["step"] % tcfg["checkpoint_every"] == 0 \
+                    and state["batch_in_epoch"] < steps_per_epoch:
+                save()
+        if progress is not None:
+            progress.close()
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        if state["epoch"] % tcfg["eval_every"] == 0 or state["epoch"] == epochs:
+            eval_mode = "full" if mode == "uniform" else mode
+            metrics = evaluate(engine, net, val_loader, accelerator, eval_mode, cfg, bf16)
+            log(f"{stage} epoch {state['epoch']}/{epochs}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            if writer is not None:
+                _log_eval(writer, state["step"], metrics)
+        save()
+
+    if accelerator.is_main_process:
+        manifest = {"stage": stage, "job": cfg["job"], "arch": cfg["model"]["arch"],
+                    "num_classes": cfg["model"]["num_classes"], "mode": mode, "epochs": epochs,
+                    "steps": state["step"], "world_size": world, "metrics": metrics, "config": cfg}
+        final = ckpt.export_final(stage_dir, net.state_dict(), manifest)
+        log(f"{stage}: complete; exported {final}")
+        writer.close()
+    accelerator.wait_for_everyone()
+    return 0
+
+
+def _progress(accelerator, tcfg, stage, state, steps_per_epoch, epochs):
+    if not (accelerator.is_main_process and tcfg["progress"]):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=steps_per_epoch, initial=state["batch_in_epoch"], dynamic_ncols=True,
+                desc=f"{stage} {state['epoch'] + 1}/{epochs}", mininterval=2.0)
+
+
+def _log_train(writer, step, terms, gates, scheduler, rate, mode):
+    for name, value in terms.items():
+        writer.add_scalar(f"train/{name}", float(value.detach()), step)
+    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+    writer.add_scalar("train/img_per_s", rate, step)
+    if mode == "joint":
+        rates = gates.detach().float().mean(0).cpu()
+        writer.add_scalar("train/exec_rate", float(rates.mean()), step)
+        writer.add_histogram("train/block_exec_rates", rates, step)
+
+
+def _log_eval(writer, step, metrics):
+    for name, value in metrics.items():
+        if isinstance(value, float) and math.isfinite(value):
+            writer.add_scalar(f"val/{name}", value, step)
+    writer.add_histogram("val/block_exec_rates", torch.tensor(metrics["block_rates"]), step)

@@ -1,0 +1,45 @@
+"""Running one residual block under per-sample gates.
+
+A skipped block passes x_n through (eq. 1); a block that changes shape cannot, so skipping it
+runs only its shortcut projection. `run_masked` computes the block for every sample and blends
+(eqs. 1 and 9: needed for training with relaxed gates). `run_selected` runs the block only on the
+samples whose hard gate is 1 (inference that really skips).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def run_masked(block, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x_{n+1} = v F(x_n) + (1 - v) shortcut(x_n) for gates v of shape (B,)."""
+    shortcut = block.shortcut(x)
+    out = block.relu(block.residual(x) + shortcut)
+    dtype = torch.promote_types(shortcut.dtype, out.dtype)
+    v = gate.to(dtype).view(-1, 1, 1, 1)
+    # lerp is exact at v = 0 and v = 1, and one pass over memory instead of four.
+    return torch.lerp(shortcut.to(dtype), out.to(dtype), v)
+
+
+def run_selected(block, x: torch.Tensor, gate: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Same result as run_masked for hard 0/1 gates, computing the block only where gate == 1.
+
+    inplace=True writes the executed samples into x itself (or into the shortcut projection)
+    instead of a copy; only for inference without autograd, where x is not needed afterwards.
+    """
+    index = (gate > 0.5).nonzero().squeeze(1)  # the one host sync per block
+    shortcut = block.shortcut(x)
+    if index.numel() == 0:
+        return shortcut
+    if index.numel() == x.shape[0]:
+        return block.relu(block.residual(x) + shortcut)
+    # Advanced indexing keeps channels_last (index_select does not).
+    selected = x[index]
+    selected_shortcut = selected if block.downsample is None else shortcut[index]
+    out = block.relu(block.residual(selected) + selected_shortcut)
+    dtype = torch.promote_types(shortcut.dtype, out.dtype)
+    if inplace and shortcut.dtype == dtype:
+        target = shortcut
+    else:
+        target = shortcut.to(dtype, copy=True, memory_format=torch.preserve_format)
+    return target.index_copy_(0, index, out.to(dtype))

@@ -1,0 +1,46 @@
+"""Training objective (eq. 16): L = L_cls + L_cost + alpha * L_rank."""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+
+from .srm import rank_loss
+
+
+def cost_loss(gates: torch.Tensor, t: float) -> torch.Tensor:
+    """Eq. 15 with METHOD.md's batch mean: sum_n (mean over the batch of v_n - t)^2; gates (B, N)."""
+    _check_gates(gates)
+    _check_rate(t)
+    return ((gates.float().mean(dim=0) - t) ** 2).sum()
+
+
+def total_loss(logits: torch.Tensor, targets: torch.Tensor, gates: torch.Tensor, hist: torch.Tensor | None,
+               t: float, alpha: float, phi: float = 0.5, tie_eps: float = 1e-3) -> dict[str, torch.Tensor]:
+    """Returns {"loss", "cls", "cost", "rank"}. hist: (B, K) colour histograms of the batch
+    (rdinet.srm.color_histograms); may be None only when alpha == 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or alpha < 0:
+        raise ValueError(f"alpha={alpha!r} (weight of the rank loss) must be a number >= 0")
+    cls = F.cross_entropy(logits.float(), targets)
+    cost = cost_loss(gates, t)
+    if alpha == 0 and hist is None:
+        rank = gates.sum() * 0.0
+    elif hist is None:
+        raise ValueError(f"alpha={alpha} > 0 needs hist, the batch's colour histograms (srm.color_histograms)")
+    else:
+        rank = rank_loss(gates, hist, phi=phi, tie_eps=tie_eps)
+    loss = cls + cost + alpha * rank
+    return {"loss": loss, "cls": cls, "cost": cost, "rank": rank}
+
+
+def _check_gates(gates) -> None:
+    if not isinstance(gates, torch.Tensor) or gates.dim() != 2:
+        shape = tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__
+        raise ValueError(f"gates must be a (B, N) tensor of per-block decisions; got {shape}")
+
+
+def _check_rate(t) -> None:
+    if isinstance(t, bool) or not isinstance(t, Real) or not 0 <= t <= 1:
+        raise ValueError(f"t={t!r} (target execution rate) must be a number in [0, 1]")

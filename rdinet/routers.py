@@ -1,0 +1,74 @@
+"""Relational routers (paper eqs. 3-8, METHOD.md).
+
+Router n: s_hat = GAP(x_n); s_tilde = ReLU(FC(s_hat; C_n -> d));
+S_n = (s_{n-r}, ..., s_{n-1}, s_tilde); s_n = ReLU(A S_n W_n)[last row]; logits = FC(s_n; d -> 2).
+Only the last row of A S_n W_n is used, so the router computes (a^T S_n) W_n with a = the last
+row of A: weights (gamma^k, ..., gamma^1, 1) over the rows of S_n (METHOD.md: the transpose of
+eq. 4 as printed), or cosine similarities to s_tilde when gamma = "auto" (Table 3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXECUTE = 1  # index of the "execute" logit; index 0 is "skip"
+
+
+def relation_matrix(rows: int, gamma: float) -> torch.Tensor:
+    """The (rows x rows) relation graph, oriented so that row m aggregates nodes n <= m with
+    weight gamma^(m - n) (the transpose of eq. 4 as printed); its last row is what a router uses."""
+    m = torch.arange(rows).view(-1, 1)
+    n = torch.arange(rows).view(1, -1)
+    distance = (m - n).clamp(min=0).to(torch.float64)
+    weights = torch.where(m >= n, torch.full_like(distance, gamma).pow(distance), torch.zeros_like(distance))
+    return weights.float()
+
+
+def relation_weights(rows: int, gamma: float) -> torch.Tensor:
+    """Weights (gamma^(rows-1), ..., gamma^1, 1) of the current node over the rows of S_n."""
+    return relation_matrix(rows, gamma)[-1]
+
+
+class RelationalRouter(nn.Module):
+    """Router of one block. forward(x_n, previous) -> (s_n, logits); `previous` holds the router
+    features s_{n-k} of earlier routers (oldest first); only the last r are used."""
+
+    def __init__(self, in_channels: int, d: int = 256, r: int = 2, gamma: float | str = 0.5):
+        super().__init__()
+        self.r = r
+        self.gamma = gamma
+        self.align = nn.Linear(in_channels, d)  # w_n^0, eq. 6
+        self.gcn = nn.Linear(d, d, bias=False)  # w_n^1, eq. 7
+        self.decide = nn.Linear(d, 2)  # w_n^2, eq. 8
+
+    def num_rows(self, available: int) -> int:
+        """Rows of S_n given `available` preceding router features (gamma = 0 needs none)."""
+        if self.gamma == 0:
+            return 1
+        return min(self.r, available) + 1
+
+    def forward(self, x: torch.Tensor, previous: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        s_tilde = F.relu(self.align(x.mean(dim=(2, 3))))
+        rows = self.num_rows(len(previous))
+        if rows == 1:
+            aggregated = s_tilde
+        else:
+            stacked = torch.stack([*previous[len(previous) - rows + 1:], s_tilde], dim=1)  # (B, rows, d)
+            stacked = stacked.to(s_tilde.dtype)
+            weights = self._edge_weights(stacked)  # (B, 1, rows)
+            aggregated = torch.bmm(weights, stacked).squeeze(1)
+        s_n = F.relu(self.gcn(aggregated))
+        return s_n, self.decide(s_n)
+
+    def _edge_weights(self, stacked: torch.Tensor) -> torch.Tensor:
+        batch, rows, _ = stacked.shape
+        if self.gamma == "auto":
+            unit = F.normalize(stacked, dim=-1)
+            cosine = torch.bmm(unit[:, :-1], unit[:, -1:].transpose(1, 2)).squeeze(-1)  # (B, rows-1)
+            current = torch.ones(batch, 1, dtype=cosine.dtype, device=cosine.device)
+            return torch.cat([cosine, current], dim=1).unsqueeze(1)
+        distance = torch.arange(rows - 1, -1, -1, device=stacked.device, dtype=torch.float32)
+        weights = torch.pow(float(self.gamma), distance).to(stacked.dtype)  # gamma^0 = 1 for the current node
+        return weights.view(1, 1, rows).expand(batch, 1, rows)

@@ -1,0 +1,91 @@
+"""Sample Relation Module (paper eqs. 10-12, METHOD.md): colour histograms and the rank loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def color_histograms(images: torch.Tensor, bins: int = 16, mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None) -> torch.Tensor:
+    """Per-channel histograms H(X) of a batch: (B, 3, H, W) -> (B, 3 * bins) float32.
+
+    uint8 images are taken as 0..255. Float images are normalised ones, de-normalised with
+    `mean` and `std` given in 0..255 units (x * std + mean); pass mean=(0, 0, 0), std=(1, 1, 1)
+    for float images already in 0..255. Bins are equal-width over [0, 256); each channel's
+    histogram sums to 1; values outside [0, 256) after de-normalising (round-off) count in the
+    end bins. Runs on the images' device.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor of shape (B, 3, H, W); got {shape}")
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 256:
+        raise ValueError(f"bins={bins!r} must be an integer in [1, 256]")
+    batch, channels = images.shape[:2]
+    if images.dtype == torch.uint8:
+        if mean is not None or std is not None:
+            raise ValueError("mean/std apply to normalised float images; uint8 images are already 0..255")
+        index = images.long() * bins // 256
+    elif images.is_floating_point():
+        if mean is None or std is None:
+            raise ValueError(
+                "float images need mean and std (0..255 units) to be de-normalised; pass "
+                "mean=(0, 0, 0), std=(1, 1, 1) for float images already in 0..255"
+            )
+        mean_t = _per_channel(mean, "mean", images.device)
+        std_t = _per_channel(std, "std", images.device)
+        if not bool((std_t > 0).all()):
+            raise ValueError(f"std={tuple(std)} must be > 0 for every channel")
+        values = images.float() * std_t + mean_t
+        index = torch.floor(values * (bins / 256.0)).long().clamp_(0, bins - 1)
+    else:
+        raise ValueError(f"images must be uint8 (0..255) or floating point; got dtype {images.dtype}")
+    # One flat bin id per pixel: channel c owns bins [c * bins, (c + 1) * bins).
+    offsets = torch.arange(channels, device=images.device).view(1, channels, 1, 1) * bins
+    flat = (index + offsets).reshape(batch, -1)
+    counts = torch.zeros(batch, channels * bins, dtype=torch.float32, device=images.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    return counts / float(images.shape[2] * images.shape[3])
+
+
+def _per_channel(values, name: str, device) -> torch.Tensor:
+    tensor = torch.as_tensor(values, dtype=torch.float32, device=device).flatten()
+    if tensor.numel() != 3:
+        raise ValueError(f"{name} must hold 3 values (one per channel, 0..255 units); got {values!r}")
+    return tensor.view(1, 3, 1, 1)
+
+
+def rank_loss(paths: torch.Tensor, hist: torch.Tensor, phi: float = 0.5, tie_eps: float = 1e-3) -> torch.Tensor:
+    """L_rank (eq. 12) averaged over the kept triplets.
+
+    paths: (L, N) relaxed executing paths P_i = (v_1..v_N); hist: (L, K) image descriptors H(X_i).
+    D = pairwise distances of hist; M = argsort(D) row-wise (M_i1 = i); for j = 2..L-1 the
+    triplet (i, M_ij, M_i,j+1) adds [||P_i - P_Mij|| - ||P_i - P_Mi,j+1|| + phi]_+. Triplets
+    whose two histogram distances to the anchor tie (relative difference <= tie_eps) are ignored.
+    """
+    if paths.dim() != 2 or hist.dim() != 2 or paths.shape[0] != hist.shape[0]:
+        raise ValueError(
+            f"paths (L, N) and hist (L, K) must be 2-D with the same batch size L; got "
+            f"{tuple(paths.shape)} and {tuple(hist.shape)}"
+        )
+    if phi < 0 or tie_eps < 0:
+        raise ValueError(f"phi={phi} and tie_eps={tie_eps} must be >= 0")
+    size = paths.shape[0]
+    if size < 3:
+        return paths.sum() * 0.0
+    hist = hist.detach().float()
+    exact = "donot_use_mm_for_euclid_dist"  # the matmul shortcut loses precision on near ties
+    hist_dist = torch.cdist(hist, hist, compute_mode=exact)
+    order_key = hist_dist.clone()
+    order_key.fill_diagonal_(float("-inf"))  # each sample ranks first among its neighbours
+    order = torch.argsort(order_key, dim=1, stable=True)
+    positive, negative = order[:, 1:-1], order[:, 2:]
+    d_pos, d_neg = hist_dist.gather(1, positive), hist_dist.gather(1, negative)
+    keep = (d_neg - d_pos).abs() > tie_eps * d_neg.clamp(min=torch.finfo(torch.float32).tiny)
+    path_dist = torch.cdist(paths.float(), paths.float(), compute_mode=exact)
+    hinge = F.relu(path_dist.gather(1, positive) - path_dist.gather(1, negative) + phi)
+    # Mean over kept triplets; 0 (with a graph) when none is kept. No host sync.
+    return (hinge * keep).sum() / keep.sum().clamp(min=1)

@@ -1,0 +1,84 @@
+"""Job files, dotted overrides and their validation; the learning-rate schedule."""
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, enabled_stages, load_config, parse_overrides
+from pipeline.schedule import lr_factor, scaled_lr
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
+
+def test_demo_is_the_default_job():
+    cfg = load_config(None, [])
+    assert cfg["job"] == "demo"
+    assert cfg["data"]["generate"] is True
+    assert enabled_stages(cfg) == ["warmup", "joint"]
+
+
+@pytest.mark.parametrize("job", sorted(p.relative_to(JOBS) for p in JOBS.rglob("*.yaml") if "accelerate" not in p.parts))
+def test_every_shipped_job_resolves(job):
+    cfg = load_config(JOBS / job, ["data.root=/data"])
+    assert cfg["data"]["root"] == "/data"
+    assert cfg["job"] != "unnamed"
+
+
+def test_paper_schedule_in_cifar10_r110():
+    cfg = load_config(JOBS / "cifar10_r110.yaml", ["data.root=/d"])
+    assert cfg["stages"]["warmup"]["epochs"] == 30
+    assert cfg["stages"]["joint"] == {"epochs": 320, "milestones": [250, 300], "mode": "joint"}
+    assert (cfg["model"]["d"], cfg["model"]["gamma"], cfg["model"]["r"]) == (256, 0.5, 2)
+    assert (cfg["loss"]["alpha"], cfg["loss"]["phi"]) == (0.2, 0.5)
+
+
+def test_extends_layers_base_then_child():
+    cfg = load_config(JOBS / "ablation" / "cifar10_r110_vanilla.yaml", ["data.root=/d"])
+    assert cfg["model"]["gamma"] == 0.0 and cfg["loss"]["alpha"] == 0.0
+    assert cfg["model"]["arch"] == "resnet110"  # from the base
+    assert enabled_stages(cfg) == ["joint"]
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_overrides(["optim.lr=0.2", "stages.joint.milestones=[1, 2]", "train.deterministic=true"]) == {
+        "optim": {"lr": 0.2}, "stages": {"joint": {"milestones": [1, 2]}}, "train": {"deterministic": True}}
+    cfg = load_config(None, ["optim.lr=0.2", "model.gamma=auto", "optim.weight_decay=0"])
+    assert cfg["optim"]["lr"] == 0.2 and cfg["model"]["gamma"] == "auto"
+    assert cfg["optim"]["weight_decay"] == 0.0 and isinstance(cfg["optim"]["weight_decay"], float)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lrr=0.1", "optim.lrr"),
+    ("nosuch=1", "nosuch"),
+    ("data.batchsize=3", "batchsize"),
+    ("data.batch_size=big", "data.batch_size"),
+    ("train.deterministic=3", "train.deterministic"),
+    ("model=3", "model"),
+    ("stages.joint.mode=fast", "stages.joint.mode"),
+    ("data.root=", "data.root"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_job_file_lists_the_shipped_jobs(tmp_path):
+    with pytest.raises(ConfigError, match="cifar10_r110"):
+        load_config(tmp_path / "nope.yaml", [])
+
+
+def test_job_file_with_unknown_key(tmp_path):
+    job = tmp_path / "j.yaml"
+    job.write_text("job: x\nmodle: {arch: resnet20}\n")
+    with pytest.raises(ConfigError, match="modle"):
+        load_config(job, [])
+
+
+def test_lr_schedule_steps_and_warmup():
+    spe = 10
+    assert lr_factor(0, spe, [2, 4], 0.1, 0) == 1.0
+    assert lr_factor(19, spe, [2, 4], 0.1, 0) == 1.0
+    assert lr_factor(20, spe, [2, 4], 0.1, 0) == pytest.approx(0.1)
+    assert lr_factor(45, spe, [2, 4], 0.1, 0) == pytest.approx(0.01)
+    assert lr_factor(4, spe, [], 0.1, 1.0) == pytest.approx(0.5)  # half way through a 1-epoch warm-up
+    assert scaled_lr({"lr": 0.1, "reference_batch": 256}, 1024) == pytest.approx(0.4)
+    assert scaled_lr({"lr": 0.1, "reference_batch": 0}, 1024) == 0.1

@@ -1,0 +1,146 @@
+"""Real runs of pipeline/train.py on the CPU: 2 processes, DeepSpeed ZeRO-2 through accelerate.
+
+One uninterrupted run is the reference; an interrupted-and-resumed run and a killed-and-rerun run
+must reach bitwise the same final weights (deterministic mode).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+TINY = ["data.generated_size=8", "data.generated_val_size=4", "data.batch_size=16", "data.eval_batch_size=20",
+        "stages.warmup.epochs=1", "stages.joint.epochs=2", "stages.joint.milestones=[1]",
+        "train.checkpoint_every=2", "train.deterministic=true", "train.progress=false", "model.d=32"]
+
+pytestmark = pytest.mark.slow
+
+
+def sets(*pairs):
+    return [arg for pair in pairs for arg in ("--set", pair)]
+
+
+def train(run_dir, data_dir, *extra, processes=2, timeout=600, check=None, args=()):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    launcher = ([str(ACCELERATE), "launch", "--config_file", "jobs/accelerate/cpu.yaml",
+                 "--num_processes", str(processes)] if processes > 1 else [sys.executable])
+    cmd = launcher + ["pipeline/train.py", "--run-dir", str(run_dir), *args,
+                      *sets(f"data.root={data_dir}", *TINY, *extra)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check is not None and proc.returncode != check:
+        raise AssertionError(f"exit {proc.returncode} != {check}\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def manifest(run_dir, stage):
+    return json.loads((Path(run_dir) / stage / "final" / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data") / "cifar"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    run = tmp_path_factory.mktemp("reference") / "run"
+    proc = train(run, data_dir, check=0)
+    return run, proc
+
+
+def test_two_process_deepspeed_run_completes_both_stages(reference):
+    run, proc = reference
+    out = proc.stdout + proc.stderr
+    assert "2 process(es), DeepSpeed ZeRO-2" in out
+    assert "blocks initialised from" in out
+    for stage in ("warmup", "joint"):
+        m = manifest(run, stage)
+        assert m["world_size"] == 2 and m["stage"] == stage
+        assert (run / stage / "final" / "model.safetensors").is_file()
+        assert 0.0 <= m["metrics"]["top1"] <= 1.0 and m["metrics"]["samples"] == 40
+    assert manifest(run, "warmup")["metrics"]["ratio"] == pytest.approx(1.0)  # evaluated as the full network
+    assert 0 < manifest(run, "joint")["metrics"]["ratio"] <= 1.0 + 1e-6
+    assert list((run / "tensorboard" / "joint").glob("events.out.tfevents.*"))
+    assert (run / "config.yaml").is_file()
+
+
+def test_rerunning_a_complete_run_does_nothing(reference, data_dir):
+    run, _ = reference
+    before = manifest(run, "joint")["weights_sha256"]
+    proc = train(run, data_dir, processes=1, check=0)
+    assert proc.stdout.count("already complete") == 2
+    assert manifest(run, "joint")["weights_sha256"] == before
+
+
+def test_interrupted_run_resumes_to_identical_weights(reference, data_dir, tmp_path):
+    run = tmp_path / "run"
+    # warm-up has 2 steps per epoch x 1 epoch, so step 4 is inside the first joint epoch
+    first = train(run, data_dir, "train.stop_at_step=3", args=["--stage", "warmup"], check=0)
+    assert "complete" in first.stdout + first.stderr
+    stopped = train(run, data_dir, "train.stop_at_step=1")
+    assert "exiting for requeue" in stopped.stdout + stopped.stderr, stopped.stderr[-3000:]
+    assert (run / "joint" / "checkpoints").is_dir() and not (run / "joint" / "final").exists()
+    train(run, data_dir, check=0)
+    ref, _ = reference
+    for stage in ("warmup", "joint"):
+        assert manifest(run, stage)["weights_sha256"] == manifest(ref, stage)["weights_sha256"], stage
+
+
+def test_killed_mid_joint_then_rerun_finishes_identically(reference, data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(run, data_dir, args=["--stage", "warmup"], check=0)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    cmd = [str(ACCELERATE), "launch", "--config_file", "jobs/accelerate/cpu.yaml", "pipeline/train.py",
+           "--run-dir", str(run), *sets(f"data.root={data_dir}", *TINY)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpts = run / "joint" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpts.glob("step-*")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(ckpts.glob("step-*")), "no joint checkpoint appeared before the deadline"
+    assert not (run / "joint" / "final").exists()
+    train(run, data_dir, check=0)
+    ref, _ = reference
+    assert manifest(run, "joint")["weights_sha256"] == manifest(ref, "joint")["weights_sha256"]
+
+
+def test_joint_before_warmup_names_the_command(tmp_path, data_dir):
+    proc = train(tmp_path / "run", data_dir, processes=1, args=["--stage", "joint"], check=2)
+    assert "--stage warmup" in proc.stderr and "warmup" in proc.stderr
+
+
+def test_run_dir_of_another_job_is_refused(reference, data_dir):
+    run, _ = reference
+    proc = train(run, data_dir, "job=other", processes=1, check=2)
+    assert "belongs to job 'demo'" in proc.stderr
+
+
+def test_run_dir_with_another_model_is_refused(reference, data_dir):
+    run, _ = reference
+    proc = train(run, data_dir, "model.arch=resnet32", processes=1, check=2)
+    assert "model.arch" in proc.stderr or "resnet32" in proc.stderr
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    proc = train(tmp_path / "run", tmp_path / "nowhere", "data.generate=false", processes=1, check=2)
+    assert "nowhere" in proc.stderr
+
+
+def test_nan_loss_stops_with_step_and_terms_and_keeps_what_was_saved(tmp_path, data_dir):
+    run = tmp_path / "run"
+    train(run, data_dir, processes=1, args=["--stage", "warmup"], check=0)
+    warm = manifest(run, "warmup")["weights_sha256"]
+    proc = train(run, data_dir, "optim.lr=1.0e+30", processes=1, check=1)
+    assert "non-finite loss at step" in proc.stderr and "'cls'" in proc.stderr
+    assert manifest(run, "warmup")["weights_sha256"] == warm
+    assert sorted((run / "warmup" / "checkpoints").glob("step-*"))
+    assert not (run / "joint" / "final").exists()
