@@ -118,6 +118,30 @@ def generated_loader(arch: str, batch: int, device, tmp: Path, tiny: bool):
     return loader
 
 
+def bench_compiled_training(arch, batch, device, timer, tiny, compile_mode: str = "default") -> dict:
+    """torch.compile on the training forward (shapes are static in training: soft gates blend)."""
+    size, classes = ARCHS[arch]
+    if tiny:
+        size = 64 if size == 224 else size
+    bf16 = device.type == "cuda"
+    data = synthetic(batch, size, classes, device)
+    mean, std = (123.7, 116.3, 103.5), (58.4, 57.1, 57.4)
+    result = {}
+    for mode in ("full", "joint"):
+        model = make_model(arch, classes, mode, device).train()
+        if mode == "full":
+            for p in model.router_parameters():
+                p.requires_grad_(False)
+        model.compile(mode=compile_mode)
+        tick = time.perf_counter()
+        step = train_step_fn(model, data, bf16, mean, std, joint=mode == "joint")
+        step()
+        result[f"{mode}_compile_s"] = time.perf_counter() - tick
+        result[f"{'static' if mode == 'full' else 'rdinet'}_compiled"] = batch / timer(step)
+    result["ratio_joint_vs_static_compiled"] = result["rdinet_compiled"] / result["static_compiled"]
+    return result
+
+
 def bench_training(arch, batch, device, timer, tiny, tmp) -> dict:
     size, classes = ARCHS[arch]
     if tiny:
@@ -163,14 +187,14 @@ def bench_inference(arch, batch, device, timer, tiny) -> dict:
     model.set_mode("uniform")
     for rate in RATES:
         model.uniform_rate = rate
-        for executor in ("skip", "masked"):
-            model.executor = executor
+        for name, executor, bucket in (("skip", "skip", 1), ("skip32", "skip", 32), ("masked", "masked", 1)):
+            model.executor, model.skip_bucket = executor, bucket
             torch.manual_seed(0)
             gates = run().gates
             cost = model_cost(model, gates.float(), input_size=(3, size, size))
             # Random decisions are resampled every call; their rate is what is being measured.
             img_s = batch / timer(run)
-            rows[f"{executor}@{rate}"] = {"img_s": img_s, "ratio": float(cost["ratio"]),
+            rows[f"{name}@{rate}"] = {"img_s": img_s, "ratio": float(cost["ratio"]),
                                           "exec_rate": float(gates.float().mean()), "speedup": img_s / static}
     return rows
 
@@ -193,18 +217,25 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--tiny", action="store_true", help="small sizes and few iterations (CPU smoke run)")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--compile", nargs="*", default=[], choices=list(ARCHS),
+                        help="also time torch.compile'd training for these archs")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     batch = 8 if args.tiny else args.batch
     timer = Timer(device, warmup=1 if args.tiny else 10, iters=1 if args.tiny else 10, repeats=2 if args.tiny else 5)
-    torch.backends.cudnn.benchmark = True
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    # No cudnn.benchmark: real skipping runs blocks on ever-changing batch sizes, and autotuning
+    # each new size would be timed as if it were the network's cost.
+    results = {"compile_mode": args.compile_mode, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                "torch": torch.__version__, "batch": batch, "train": {}, "inference": {}, "srm": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs:
             if not args.skip_train:
                 results["train"][arch] = bench_training(arch, batch, device, timer, args.tiny, Path(tmp))
+            if arch in args.compile:
+                results["train"].setdefault(arch, {}).update(bench_compiled_training(arch, batch, device, timer, args.tiny,
+                                                                                        args.compile_mode))
             results["inference"][arch] = {f"batch{b}": bench_inference(arch, b, device, timer, args.tiny)
                                           for b in (batch, 1)}
             size = ARCHS[arch][0] if not args.tiny else 32
@@ -219,6 +250,11 @@ def main(argv=None) -> int:
 def print_table(results: dict) -> None:
     print(f"device {results['device']}, torch {results['torch']}, batch {results['batch']}")
     for arch, r in results["train"].items():
+        if "static_compiled" in r:
+            print(f"train {arch} compiled: static {r['static_compiled']:.0f} img/s | rdinet {r['rdinet_compiled']:.0f} "
+                  f"({r['ratio_joint_vs_static_compiled']:.2f}x) | compile {r['full_compile_s']:.0f}+{r['joint_compile_s']:.0f} s")
+        if "static_synthetic" not in r:
+            continue
         print(f"train {arch}: static {r['static_synthetic']:.0f} img/s | rdinet {r['rdinet_synthetic']:.0f} "
               f"({r['ratio_joint_vs_static']:.2f}x) | rdinet+dali "
               + (f"{r['rdinet_dali']:.0f} ({r['ratio_dali_vs_synthetic']:.2f}x of synthetic)" if r["rdinet_dali"] else "n/a"))

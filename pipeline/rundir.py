@@ -33,4 +33,6 @@ def prepare_run_dir(run_dir: Path, cfg: dict) -> None:
             raise ValueError(f"run directory {run_dir} was started with model {saved.get('model')}, this run asks "
                              f"for {cfg['model']}: its checkpoints would not fit; choose another --run-dir")
     if int(os.environ.get("RANK", "0")) == 0:
+        for stale in run_dir.glob(f".{saved_path.name}.tmp-*"):  # left by a run killed while writing it
+            stale.unlink(missing_ok=True)
         write_atomic(saved_path, dump(cfg).encode())

@@ -13,6 +13,7 @@ train.stop_at_step) after writing a checkpoint: requeue and run again to resume;
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def bound_collective_waits(seconds: float) -> None:
+    """Make every process group wait at most `seconds` for a collective, so the others fail instead of
+    hanging when a rank dies or stalls. train.dist_timeout reaches the world group through accelerate,
+    but DeepSpeed all-reduces the gradients over its own copy of it (deepspeed.utils.groups), made by
+    `new_group` with torch's default timeout (30 min for gloo, 10 for NCCL)."""
+    from torch.distributed import distributed_c10d
+    timeout = datetime.timedelta(seconds=seconds)
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -46,12 +57,13 @@ def main(argv=None) -> int:
             raise ConfigError(f"stage '{args.stage}' is disabled in this job (stages.{args.stage}.epochs is 0)")
         todo = [args.stage] if args.stage else stages
         prepare_run_dir(run_dir, cfg)
-    except (ConfigError, ValueError, PermissionError) as err:
+    except (ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USAGE_EXIT
 
     from pipeline.data import DataError
     from pipeline.trainer import run_stage
+    bound_collective_waits(cfg["train"]["dist_timeout"])
     for stage in todo:
         if ckpt.read_manifest(run_dir / stage) is not None:
             print(f"{stage}: already complete ({run_dir / stage / 'final'}); nothing to do")
@@ -64,7 +76,7 @@ def main(argv=None) -> int:
             return USAGE_EXIT
         try:
             code = run_stage(cfg, stage, run_dir)
-        except (ConfigError, DataError, FileNotFoundError) as err:
+        except (ConfigError, DataError, FileNotFoundError, ckpt.CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return USAGE_EXIT
         except FloatingPointError as err:

@@ -73,12 +73,43 @@ def trainable_parameters(model, mode: str):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _sync_flags(stop: bool, loss: torch.Tensor, device) -> tuple[bool, bool]:
-    """One collective per step: did any rank get a stop signal, or a non-finite loss?"""
-    flags = torch.stack([torch.tensor(float(stop), device=device), (~torch.isfinite(loss.detach())).float()])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    stop_any, bad_any = flags.tolist()
-    return stop_any > 0, bad_any > 0
+class StepFlags:
+    """Did any rank get a stop signal or a non-finite loss? One small all-reduce per step, started
+    asynchronously and read one step later, so the host never waits for the step it just queued
+    (on a GPU, a per-step host sync would stall the launch queue of these many small kernels)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.pending = None
+
+    def push(self, stop: bool, terms: dict, step: int):
+        """Queue this step's flags; return the previous step's outcome (see `resolve`)."""
+        flags = torch.stack([torch.tensor(float(stop), device=self.device),
+                             (~torch.isfinite(terms["loss"].detach())).float()])
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+        previous, self.pending = self.pending, (work, flags, {k: v.detach() for k, v in terms.items()}, step)
+        return self.resolve(previous)
+
+    def drain(self):
+        previous, self.pending = self.pending, None
+        return self.resolve(previous)
+
+    @staticmethod
+    def resolve(item):
+        """(stop requested anywhere, (terms, step) of a non-finite loss or None)."""
+        if item is None:
+            return False, None
+        work, flags, terms, step = item
+        work.wait()
+        stop, bad = flags.tolist()
+        return stop > 0, ((terms, step) if bad > 0 else None)
+
+
+def _raise_non_finite(stage: str, bad, ckpt_dir: Path):
+    terms, step = bad
+    values = {k: float(v) for k, v in terms.items()}
+    raise FloatingPointError(f"{stage}: non-finite loss at step {step}: {values}. The last good checkpoint is "
+                             f"kept in {ckpt_dir}; lower optim.lr or check the data.")
 
 
 def run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
@@ -157,13 +188,14 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
         ckpt.save_checkpoint(accelerator, ckpt_dir, state, train_loader, tcfg["keep_checkpoints"])
 
     metrics = {}
+    flags = StepFlags(accelerator.device)
     epochs = stage_cfg["epochs"]
     loss_cfg = cfg["loss"]
     while state["epoch"] < epochs:
         engine.train()
         net.set_mode(mode)
         progress = _progress(accelerator, tcfg, stage, state, steps_per_epoch, epochs)
-        tick, seen = time.perf_counter(), 0
+        tick, seen, requeue = time.perf_counter(), 0, False
         for images, labels in train_loader:
             if not bf16:
                 images = images.float()
@@ -177,13 +209,9 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
             else:
                 cls = F.cross_entropy(logits, labels)
                 terms = {"loss": cls, "cls": cls}
-            stop, bad = _sync_flags(stopper.flag or state["step"] + 1 == tcfg["stop_at_step"], terms["loss"],
-                                    accelerator.device)
+            stop, bad = flags.push(stopper.flag, terms, state["step"] + 1)
             if bad:
-                values = {k: float(v.detach()) for k, v in terms.items()}
-                raise FloatingPointError(
-                    f"{stage}: non-finite loss at step {state['step'] + 1} (epoch {state['epoch']}): {values}. "
-                    f"The last good checkpoint is kept in {ckpt_dir}; lower optim.lr or check the data.")
+                _raise_non_finite(stage, bad, ckpt_dir)
             accelerator.backward(terms["loss"])
             optimizer.step()
             scheduler.step()
@@ -198,15 +226,21 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
                 _log_train(writer, state["step"], terms, out.gates, scheduler, rate, mode)
                 if progress is not None:
                     progress.set_postfix(loss=f"{float(terms['loss']):.3f}", img_s=f"{rate:.0f}")
-            if stop:
+            requeue = stop or state["step"] == tcfg["stop_at_step"]
+            if state["batch_in_epoch"] == steps_per_epoch:
+                break  # the epoch's end (validation, checkpoint) is handled below
+            if requeue:
                 save()
                 log(f"{stage}: stop requested; checkpoint written at step {state['step']}; exiting for requeue")
                 return REQUEUE_EXIT
-            if tcfg["checkpoint_every"] > 0 and state["step"] % tcfg["checkpoint_every"] == 0 \
-                    and state["batch_in_epoch"] < steps_per_epoch:
+            if tcfg["checkpoint_every"] > 0 and state["step"] % tcfg["checkpoint_every"] == 0:
                 save()
         if progress is not None:
             progress.close()
+        stop, bad = flags.drain()
+        if bad:
+            _raise_non_finite(stage, bad, ckpt_dir)
+        requeue = requeue or stop
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
         if state["epoch"] % tcfg["eval_every"] == 0 or state["epoch"] == epochs:
@@ -217,6 +251,9 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
             if writer is not None:
                 _log_eval(writer, state["step"], metrics)
         save()
+        if requeue and state["epoch"] < epochs:
+            log(f"{stage}: stop requested; checkpoint written at step {state['step']}; exiting for requeue")
+            return REQUEUE_EXIT
 
     if accelerator.is_main_process:
         manifest = {"stage": stage, "job": cfg["job"], "arch": cfg["model"]["arch"],

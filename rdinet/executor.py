@@ -21,22 +21,32 @@ def run_masked(block, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return torch.lerp(shortcut.to(dtype), out.to(dtype), v)
 
 
-def run_selected(block, x: torch.Tensor, gate: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+def run_selected(block, x: torch.Tensor, gate: torch.Tensor, inplace: bool = False,
+                 bucket: int = 1) -> torch.Tensor:
     """Same result as run_masked for hard 0/1 gates, computing the block only where gate == 1.
 
     inplace=True writes the executed samples into x itself (or into the shortcut projection)
     instead of a copy; only for inference without autograd, where x is not needed afterwards.
+    bucket > 1 rounds the number of samples the block runs on up to a multiple of `bucket`
+    (repeating one executed sample), so the convolutions see few distinct batch sizes.
     """
     index = (gate > 0.5).nonzero().squeeze(1)  # the one host sync per block
     shortcut = block.shortcut(x)
-    if index.numel() == 0:
+    executed, batch = index.numel(), x.shape[0]
+    if executed == 0:
         return shortcut
-    if index.numel() == x.shape[0]:
-        return block.relu(block.residual(x) + shortcut)
+    padded = min(batch, -(-executed // bucket) * bucket)
+    if padded == batch:
+        out = block.relu(block.residual(x) + shortcut)
+        if executed == batch:
+            return out
+        keep = (gate > 0.5).view(-1, 1, 1, 1)
+        return torch.where(keep, out, shortcut.to(out.dtype))
+    run_index = index if padded == executed else torch.cat([index, index[:1].expand(padded - executed)])
     # Advanced indexing keeps channels_last (index_select does not).
-    selected = x[index]
-    selected_shortcut = selected if block.downsample is None else shortcut[index]
-    out = block.relu(block.residual(selected) + selected_shortcut)
+    selected = x[run_index]
+    selected_shortcut = selected if block.downsample is None else shortcut[run_index]
+    out = block.relu(block.residual(selected) + selected_shortcut)[:executed]
     dtype = torch.promote_types(shortcut.dtype, out.dtype)
     if inplace and shortcut.dtype == dtype:
         target = shortcut

@@ -41,6 +41,8 @@ class RDINet(nn.Module):
         # Execution probability of every block in "uniform" mode: 0.5 makes every path equally
         # likely (USW, eq. 14); other rates serve benchmarks of random paths at a given cost.
         self.uniform_rate = 0.5
+        # Real skipping rounds each block's sample count up to a multiple of this (1: exact counts).
+        self.skip_bucket = 1
         stem, blocks, channels = build_backbone(arch)
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
@@ -113,7 +115,7 @@ class RDINet(nn.Module):
                     gate = sampled[:, n]
                 if skip:
                     # Without autograd nothing else reads x_n (its router has run): overwrite it.
-                    x = run_selected(block, x, gate, inplace=not torch.is_grad_enabled())
+                    x = run_selected(block, x, gate, inplace=not torch.is_grad_enabled(), bucket=self.skip_bucket)
                 else:
                     x = run_masked(block, x, gate)
             gates.append(gate)

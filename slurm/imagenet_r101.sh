@@ -9,7 +9,7 @@
 #SBATCH --nodes=2
 #SBATCH --gpus-per-node=8
 #SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=12
+#SBATCH --cpus-per-task=48
 #SBATCH --time=2-00:00:00
 #SBATCH --partition=gpu
 ##SBATCH --account=YOUR_ACCOUNT

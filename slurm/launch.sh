@@ -19,7 +19,7 @@
 # Variables (set by the template, overridable from the environment):
 #   JOB, RUN_DIR, DATA_ROOT (empty: the job's data.root), EXTRA_ARGS (--set key=value ...; no spaces
 #   inside a value), VENV (default .venv), LAUNCH_CONFIG (default jobs/accelerate/multi_node.yaml),
-#   GPUS_PER_NODE (default: SLURM's --gpus-per-node; 0 = CPU nodes, one process each),
+#   GPUS_PER_NODE (default: what SLURM allocated per node; 0 = CPU nodes, one process each),
 #   MASTER_PORT (default from the job id), STOP_GRACE (s a training process gets to checkpoint
 #   after the stop signal, default 150), NODE_EXIT_WAIT (s srun waits for the other nodes once one
 #   node's task has ended, default 120), NCCL_* / GLOO_SOCKET_IFNAME (passed through; set them for
@@ -190,7 +190,7 @@ run_stage() {  # run_stage STAGE, in a job
         finish 2
     fi
 
-    local gpus=${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-0}}
+    local gpus=${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}}
     gpus=${gpus##*:}  # "a100:4" -> 4
     local per_node=$((gpus > 0 ? gpus : 1))
     export NUM_PROCESSES=$((per_node * SLURM_JOB_NUM_NODES))

@@ -50,7 +50,7 @@ def check_data_root(root: str) -> None:
     path = Path(root) if Path(root).is_absolute() else REPO / root
     if not path.is_dir():
         raise ConfigError(f"data root {path} does not exist: set DATA_ROOT (or data.root in the job) to the "
-                          "dataset folder, visible on every node")
+                          "dataset folder, visible on every node (for data.generate: an existing, empty folder)")
 
 
 def main(argv=None) -> int:

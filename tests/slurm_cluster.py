@@ -204,7 +204,7 @@ class SlurmCluster:
         """Cancel every job, then kill the daemons by PID (slurmd, slurmctld, munged) and remove the directory."""
         if self.conf.exists():
             self.run("scancel", "--full", "--user=root", check=False, timeout=30)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 45  # KillWait (30 s) after SIGTERM, jobs are killed
             while time.monotonic() < deadline:
                 queue = self.run("squeue", "-h", "-o", "%i", check=False, timeout=30)
                 if queue.returncode != 0 or not queue.stdout.strip():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import DataError, build_loader
+from pipeline.data import build_loader
 from pipeline.data.cifar import read_batch_file
 from pipeline.data.generate import class_colour, ensure_generated
 

@@ -74,6 +74,7 @@ def test_defaults_hold_every_documented_key():
     ({"colour": 1}, "unknown data config key"),
     ({"holdout": -1}, "data.holdout"),
     ({"device": "gpu"}, "no device_id"),
+    ({"generated_classes": 11}, "generated_classes must be 0"),
 ])
 def test_bad_config_values(cifar_source, bad, message):
     with pytest.raises(DataError, match=message):

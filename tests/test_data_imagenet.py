@@ -131,16 +131,16 @@ def test_file_lists(generated_root, tmp_path):
 
 
 def test_sharding_two_ranks(generated_root, tmp_path):
-    """23 train / 12 val samples over 2 ranks, with label = sample id (a file list)."""
+    """23 train / 11 val samples over 2 ranks (uneven shards), with label = sample id (a file list)."""
     files = jpegs_under(generated_root, "train") + jpegs_under(generated_root, "val")
     (tmp_path / "train.txt").write_text("".join(f"{f} {i}\n" for i, f in enumerate(files[:23])))
-    (tmp_path / "val.txt").write_text("".join(f"{f} {i}\n" for i, f in enumerate(files[23:35])))
+    (tmp_path / "val.txt").write_text("".join(f"{f} {i}\n" for i, f in enumerate(files[23:34])))
     lists = cfg(generated_root, file_list=str(tmp_path / "train.txt"), val_file_list=str(tmp_path / "val.txt"),
                 eval_batch_size=4)
     vals = [build_loader(lists, "val", shard_id=r, num_shards=2) for r in (0, 1)]
     assert len(vals[0]) == len(vals[1]) == 2
     seen = [int(v) for loader in vals for _, y in loader for v in y if v >= 0]
-    assert sorted(seen) == list(range(12))
+    assert sorted(seen) == list(range(11))
 
     trains = [build_loader(lists, "train", shard_id=r, num_shards=2) for r in (0, 1)]
     assert len(trains[0]) == len(trains[1]) == 2  # 11 and 12 samples: 2 full batches of 4 each

@@ -132,6 +132,19 @@ def test_skip_executor_equals_masked_for_random_decisions(arch, size, memory_for
     torch.testing.assert_close(skip.logits, masked.logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bucket", [3, 8, 32])
+def test_bucketed_skip_equals_masked(bucket):
+    """Rounding the executed count up (repeating a sample) must not change any output."""
+    model = small_model("resnet20").set_mode("uniform").eval()
+    model.uniform_rate = 0.4
+    x = torch.randn(10, 3, 16, 16).contiguous(memory_format=CHANNELS_LAST)
+    masked = forced_logits(model, x, "masked")
+    model.skip_bucket = bucket
+    skip = forced_logits(model, x, "skip")
+    torch.testing.assert_close(skip.gates, masked.gates)
+    torch.testing.assert_close(skip.logits, masked.logits, rtol=1e-4, atol=1e-5)
+
+
 def test_skip_executor_equals_masked_for_router_decisions():
     model = small_model().eval()
     x = torch.randn(8, 3, 16, 16)

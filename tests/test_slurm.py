@@ -25,10 +25,10 @@ from slurm_cluster import ClusterUnavailable, SlurmCluster, ensure_installed
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-# The demo job, tiny: 5 steps per epoch (80 images, 8 per process x 2 processes); warm-up 10 steps,
-# joint 15 steps.
-TINY = ["data.generated_size=8", "data.generated_val_size=4", "data.batch_size=8",
-        "stages.warmup.epochs=2", "stages.joint.epochs=3", "train.checkpoint_every=3",
+# The demo job, tiny: 10 steps per epoch (80 images, 4 per process x 2 processes); warm-up 10 steps,
+# joint 20 steps.
+TINY = ["data.generated_size=8", "data.generated_val_size=4", "data.batch_size=4",
+        "stages.warmup.epochs=1", "stages.joint.epochs=2", "train.checkpoint_every=3",
         "train.deterministic=true", "train.progress=false"]
 # A CPU partition: the templates' GPU, CPU and time requests overridden on the command line.
 CPU_NODES = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--partition=debug", "--time=20"]
@@ -128,7 +128,7 @@ def test_bad_input_is_refused_before_anything_is_queued(cluster, work):
         ("run dir not writable", job_env(cluster, work, not_a_dir / "run", TINY), CPU_NODES, 2,
          "cannot create run directory"),
         ("data root missing", job_env(cluster, work, work / "bad", TINY, data_root=work / "no-such-data"),
-         CPU_NODES, 2, "data root"),
+         CPU_NODES, 2, f"data root {work / 'no-such-data'} does not exist"),
         ("unknown config key", job_env(cluster, work, work / "bad", TINY + ["train.no_such_key=1"]), CPU_NODES, 2,
          "unknown config key 'train.no_such_key'"),
         ("more nodes than the partition has", job_env(cluster, work, work / "bad", TINY), CPU_NODES + ["--nodes=3"],
@@ -171,7 +171,9 @@ def test_stages_run_as_chained_jobs_joint_from_the_warmup_handoff(reference_run)
     assert (joint["JobState"], joint["ExitCode"]) == ("COMPLETED", "0:0"), joint_log
     # Two jobs, in order: the joint job was queued while the warm-up ran, and started after it ended.
     assert when(joint["SubmitTime"]) < when(warm["EndTime"]) <= when(joint["StartTime"])
-    assert warm["NumNodes"] == joint["NumNodes"] == "2"
+    # The warm-up job chained the joint one with its own allocation (the command line's, not the #SBATCH lines).
+    assert (warm["NumNodes"], warm["TimeLimit"], warm["Partition"]) == (joint["NumNodes"], joint["TimeLimit"],
+                                                                       joint["Partition"]) == ("2", "00:20:00", "debug")
     assert "2 node(s) x 1 process(es) (CPU)" in warm_log
     assert "warmup: complete" in warm_log and "joint:" not in warm_log
     assert f"joint: blocks initialised from {run.run_dir / 'warmup' / 'final'}" in joint_log
@@ -215,16 +217,18 @@ def test_failed_warmup_cancels_the_joint_job(cluster, work):
     assert warm["JobState"] == "FAILED", warm_log
     assert "error: " in warm_log and "warmup failed" in warm_log
     assert (joint["JobState"], joint["Reason"]) == ("CANCELLED", "DependencyNeverSatisfied")
-    assert joint["StartTime"] == "Unknown"  # never ran
+    # It never ran: no nodes, no batch host, no output file.
+    assert joint["NodeList"] in ("", "(null)") and "BatchHost" not in joint, joint
+    assert not Path(joint["StdOut"]).exists()
     assert not (run_dir / "logs" / f"joint-{ids['joint']}.log").exists()
     assert not (run_dir / "joint").exists()
 
 
 def test_signalled_job_checkpoints_requeues_and_ends_like_an_unsignalled_run(cluster, work, reference_run):
     run_dir = work / "signalled"
-    # Also stop the joint stage at step 12 (train.stop_at_step: checkpoint, exit 75, no signal):
-    # the template must requeue on that exit too. The warm-up (10 steps) never reaches step 12.
-    env = job_env(cluster, work, run_dir, TINY + ["train.stop_at_step=12"])
+    # Also stop the joint stage at step 13 (train.stop_at_step: checkpoint, exit 75, no signal):
+    # the template must requeue on that exit too. The warm-up (10 steps) never reaches step 13.
+    env = job_env(cluster, work, run_dir, TINY + ["train.stop_at_step=13"])
     warmup = sbatch(cluster, "imagenet_r101", env)
     wait_for(lambda: list((run_dir / "warmup" / "checkpoints").glob("step-*")), "the first warm-up checkpoint")
     # What `#SBATCH --signal=B:USR1@180` does before the time limit: SIGUSR1 to the batch shell only.
@@ -239,8 +243,11 @@ def test_signalled_job_checkpoints_requeues_and_ends_like_an_unsignalled_run(clu
                  f"requeueing job {warmup}", f"== warmup job {warmup} attempt 2", "warmup: resumed from",
                  "warmup: complete"):
         assert line in warm_log, f"{line!r} not in the warm-up log:\n{warm_log[-3000:]}"
+    stopped_at = int(re.search(r"warmup: stop requested; checkpoint written at step (\d+)", warm_log).group(1))
+    assert 0 < stopped_at < 10  # mid-stage
     assert (jobs[joint]["JobState"], jobs[joint]["Restarts"]) == ("COMPLETED", "1"), joint_log
-    for line in ("joint: stop requested; checkpoint written at step 12", f"requeueing job {joint}",
+    assert when(jobs[joint]["StartTime"]) >= when(jobs[warmup]["EndTime"])  # not while the warm-up was requeued
+    for line in ("joint: stop requested; checkpoint written at step 13", f"requeueing job {joint}",
                  f"== joint job {joint} attempt 2", "joint: resumed from", "joint: complete"):
         assert line in joint_log, f"{line!r} not in the joint log:\n{joint_log[-3000:]}"
     assert "received SIG" not in joint_log

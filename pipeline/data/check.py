@@ -28,6 +28,8 @@ from . import cifar, imagenet
 from .defaults import resolve
 from .errors import DataError
 
+CHUNK = 10000  # images decoded per round of the thread pool
+
 
 class Report(NamedTuple):
     problems: list[str]  # each "path: what is wrong; what to do"
@@ -49,10 +51,9 @@ def inspect_image(path: str) -> tuple[str | None, str | None]:
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
         return (f"{path}: does not decode ({type(err).__name__}: {err}); replace it with a good copy "
                 "or remove it"), None
-    named = os.path.splitext(path)[1].lower().lstrip(".")
-    named = {"jpg": "jpeg", "tif": "tiff"}.get(named, named)
-    if found.lower() != named:
-        return None, f"{path}: {found} data named .{named.upper()}; DALI decodes it by its content"
+    extension = os.path.splitext(path)[1]
+    if found != imagenet.IMAGE_FORMATS.get(extension.lower()):
+        return None, f"{path}: {found} data named {extension}; DALI decodes it by its content"
     return None, None
 
 
@@ -87,9 +88,12 @@ def _check_imagenet(cfg: dict, workers: int | None) -> Report:
             notes += [f"{path}: not an image file name, so not a sample" for path in
                       imagenet.ignored_files(cfg["root"], split)]
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:  # Pillow decodes without the GIL
-        for problem, note in pool.map(inspect_image, files, chunksize=64):
-            problems += [problem] if problem else []
-            notes += [note] if note else []
+        for start in range(0, len(files), CHUNK):  # bounded memory on millions of files
+            for problem, note in pool.map(inspect_image, files[start:start + CHUNK]):
+                problems += [problem] if problem else []
+                notes += [note] if note else []
+            if len(files) > CHUNK:
+                print(f"checked {min(start + CHUNK, len(files))} of {len(files)} images", file=sys.stderr)
     return Report(problems, notes, len(files))
 
 

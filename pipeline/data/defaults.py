@@ -70,9 +70,9 @@ def resolve(data_cfg: dict) -> dict:
         raise DataError(f"data.dtype must be float32 or bfloat16, got {cfg['dtype']!r}")
     if not 0.0 <= float(cfg["hw_decoder_load"]) <= 1.0:
         raise DataError(f"data.hw_decoder_load must be in [0, 1], got {cfg['hw_decoder_load']!r}")
-    own_classes = {"cifar10": 10, "cifar100": 100}.get(cfg["dataset"])
-    if not isinstance(cfg["generated_classes"], int) or not 0 <= cfg["generated_classes"] <= (own_classes or 10**6):
-        raise DataError(f"data.generated_classes must be 0 (the dataset's own) or 1..{own_classes or 'many'}, "
+    most = {"cifar10": 10, "cifar100": 100}.get(cfg["dataset"], 1000)  # labels must fit the dataset
+    if not isinstance(cfg["generated_classes"], int) or not 0 <= cfg["generated_classes"] <= most:
+        raise DataError(f"data.generated_classes must be 0 (the dataset's own count) up to {most}, "
                         f"got {cfg['generated_classes']!r}")
     if cfg["dataset"] != "imagenet" and (cfg["file_list"] or cfg["val_file_list"]):
         raise DataError("data.file_list / data.val_file_list apply to ImageNet only")

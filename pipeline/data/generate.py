@@ -104,20 +104,17 @@ def _write_cifar(folder: str, params: dict) -> None:
                          for c, i in samples])
         labels = [c for c, _ in samples]
         files = [f"gen_{split}_{c}_{i}.png" for c, i in samples]
+        content = {"data": data, label_key: labels, "filenames": files}
         if cifar100:
-            content = {"data": data, label_key: labels, "coarse_labels": [c // 5 for c in labels],
-                       "filenames": files}
+            content["coarse_labels"] = [c // 5 for c in labels]
             _write_pickle(os.path.join(folder, "train" if split == "train" else "test"), content)
-            continue
-        if split == "val":
-            _write_pickle(os.path.join(folder, "test_batch"),
-                          {"batch_label": "testing batch 1 of 1", "data": data, label_key: labels,
-                           "filenames": files})
-            continue
-        for b, rows in enumerate(np.array_split(np.arange(len(samples)), 5)):
-            _write_pickle(os.path.join(folder, f"data_batch_{b + 1}"),
-                          {"batch_label": f"training batch {b + 1} of 5", "data": data[rows],
-                           label_key: [labels[r] for r in rows], "filenames": [files[r] for r in rows]})
+        elif split == "val":
+            _write_pickle(os.path.join(folder, "test_batch"), {"batch_label": "testing batch 1 of 1", **content})
+        else:
+            for b, rows in enumerate(np.array_split(np.arange(len(samples)), 5)):
+                _write_pickle(os.path.join(folder, f"data_batch_{b + 1}"),
+                              {"batch_label": f"training batch {b + 1} of 5", "data": data[rows],
+                               label_key: [labels[r] for r in rows], "filenames": [files[r] for r in rows]})
     meta = ({"fine_label_names": names, "coarse_label_names": names[::5]} if cifar100
             else {"label_names": names, "num_cases_per_batch": 0, "num_vis": 3072})
     _write_pickle(os.path.join(folder, "meta" if cifar100 else "batches.meta"), meta)

@@ -15,8 +15,11 @@ import os
 
 from .errors import DataError
 
-# Formats DALI's image decoder reads; other files in class folders are not samples.
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jp2")
+# File name endings of the formats DALI's image decoder reads, with Pillow's name of the format.
+# Other files in class folders are not samples.
+IMAGE_FORMATS = {".jpeg": "JPEG", ".jpg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+                 ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM", ".jp2": "JPEG2000"}
+IMAGE_EXTENSIONS = tuple(IMAGE_FORMATS)
 LAYOUT_HINT = ("the ImageNet layout is <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG "
                "(or set data.file_list / data.val_file_list, or data.generate=true on an empty root)")
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One pass over every GPU code path, with the figures the issues ask for. Run from the repo root
+# on a CUDA machine with DALI and DeepSpeed importable; results go to ${OUT:-benchmarks/out}.
+#   bash benchmarks/gpu_check.sh [tests|train|databench|bench|all]...
+set -uo pipefail
+out=${OUT:-benchmarks/out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
+what=${*:-all}
+has() { [[ " $what " == *" $1 "* || " $what " == *" all "* ]]; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, nvidia.dali, deepspeed, accelerate; print('torch', torch.__version__, 'dali', nvidia.dali.__version__, 'deepspeed', deepspeed.__version__, 'accelerate', accelerate.__version__)" 2>/dev/null | tee -a "$out/gpu.txt"
+if has tests; then
+  timeout 240 python3 -m pytest -q -x tests/test_data_gpu.py tests/test_rdinet_model.py tests/test_rdinet_srm.py 2>&1 | tail -15 | tee "$out/tests.txt"
+fi
+if has train; then
+  rm -rf /tmp/gpu-run
+  timeout 300 accelerate launch --config_file jobs/accelerate/single_gpu.yaml pipeline/train.py \
+    --run-dir /tmp/gpu-run/run --set data.root=/tmp/gpu-run/data --set train.progress=false \
+    --set train.deterministic=false 2>&1 | grep -v -i warn | tail -25 | tee "$out/train.txt"
+  timeout 120 python3 -m pipeline.evaluate --run-dir /tmp/gpu-run/run 2>&1 | tail -3 | tee -a "$out/train.txt"
+fi
+if has databench; then
+  timeout 200 python3 -m pipeline.data.bench --dataset cifar10 --device cuda 2>&1 | tail -6 | tee "$out/databench_cifar.txt"
+  timeout 300 python3 -m pipeline.data.bench --dataset imagenet --device cuda --num-threads 12 2>&1 | tail -6 | tee "$out/databench_imagenet.txt"
+fi
+if has bench; then
+  timeout 400 python3 -m pipeline.bench --device cuda --out "$out/bench.json" 2>&1 | grep -v -i warn | tail -20 | tee "$out/bench.txt"
+fi
