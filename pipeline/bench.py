@@ -118,14 +118,20 @@ def generated_loader(arch: str, batch: int, device, tmp: Path, tiny: bool):
     return loader
 
 
-def bench_compiled_training(arch, batch, device, timer, tiny, compile_mode: str = "default") -> dict:
-    """torch.compile on the training forward (shapes are static in training: soft gates blend)."""
+MEAN, STD = (123.7, 116.3, 103.5), (58.4, 57.1, 57.4)  # any plausible 0..255 statistics for the SRM
+
+
+def _workload(arch, batch, device, tiny):
+    """(image size, classes, bf16?, synthetic batch source) of a training benchmark."""
     size, classes = ARCHS[arch]
     if tiny:
         size = 64 if size == 224 else size
-    bf16 = device.type == "cuda"
-    data = synthetic(batch, size, classes, device)
-    mean, std = (123.7, 116.3, 103.5), (58.4, 57.1, 57.4)
+    return size, classes, device.type == "cuda", synthetic(batch, size, classes, device)
+
+
+def bench_compiled_training(arch, batch, device, timer, tiny, compile_mode: str = "default") -> dict:
+    """torch.compile on the training forward (shapes are static in training: soft gates blend)."""
+    size, classes, bf16, data = _workload(arch, batch, device, tiny)
     result = {}
     for mode in ("full", "joint"):
         model = make_model(arch, classes, mode, device).train()
@@ -134,7 +140,7 @@ def bench_compiled_training(arch, batch, device, timer, tiny, compile_mode: str 
                 p.requires_grad_(False)
         model.compile(mode=compile_mode)
         tick = time.perf_counter()
-        step = train_step_fn(model, data, bf16, mean, std, joint=mode == "joint")
+        step = train_step_fn(model, data, bf16, MEAN, STD, joint=mode == "joint")
         step()
         result[f"{mode}_compile_s"] = time.perf_counter() - tick
         result[f"{'static' if mode == 'full' else 'rdinet'}_compiled"] = batch / timer(step)
@@ -143,19 +149,14 @@ def bench_compiled_training(arch, batch, device, timer, tiny, compile_mode: str 
 
 
 def bench_training(arch, batch, device, timer, tiny, tmp) -> dict:
-    size, classes = ARCHS[arch]
-    if tiny:
-        size = 64 if size == 224 else size
-    bf16 = device.type == "cuda"
-    data = synthetic(batch, size, classes, device)
-    mean, std = (123.7, 116.3, 103.5), (58.4, 57.1, 57.4)
+    size, classes, bf16, data = _workload(arch, batch, device, tiny)
     static = make_model(arch, classes, "full", device).train()
     for p in static.router_parameters():
         p.requires_grad_(False)
-    result = {"static_synthetic": batch / timer(train_step_fn(static, data, bf16, mean, std, joint=False))}
+    result = {"static_synthetic": batch / timer(train_step_fn(static, data, bf16, MEAN, STD, joint=False))}
     del static
     joint = make_model(arch, classes, "joint", device).train()
-    result["rdinet_synthetic"] = batch / timer(train_step_fn(joint, data, bf16, mean, std, joint=True))
+    result["rdinet_synthetic"] = batch / timer(train_step_fn(joint, data, bf16, MEAN, STD, joint=True))
     try:
         loader = generated_loader(arch, batch, device, tmp, tiny)
     except ImportError as err:  # DALI missing on this machine
@@ -202,10 +203,9 @@ def bench_inference(arch, batch, device, timer, tiny) -> dict:
 def bench_srm(batch, size, device, timer) -> dict:
     images = torch.randn(batch, 3, size, size, device=device)
     paths = torch.rand(batch, 54, device=device, requires_grad=True)
-    mean, std = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
 
     def run():
-        hist = srm.color_histograms(images, bins=16, mean=mean, std=std)
+        hist = srm.color_histograms(images, bins=16, mean=MEAN, std=STD)
         srm.rank_loss(paths, hist).backward()
     return {"ms_per_batch": 1000 * timer(run)}
 

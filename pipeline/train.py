@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import signal
 import sys
 from pathlib import Path
 
@@ -87,5 +88,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def ignore_stop_signals() -> None:
+    """Once main() has returned, the outcome is on disk and in the exit code. torchrun sends SIGTERM
+    to the workers still running when the first one exits, and Python restores the default
+    (fatal) handlers while it shuts down: ignore the stop signals so that the exit code stands."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    ignore_stop_signals()
+    sys.exit(code)

@@ -144,3 +144,25 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_what_was_saved(tmp_path, d
     assert manifest(run, "warmup")["weights_sha256"] == warm
     assert sorted((run / "warmup" / "checkpoints").glob("step-*"))
     assert not (run / "joint" / "final").exists()
+
+
+def test_evaluate_cli_writes_metrics_and_plots(reference, data_dir, tmp_path):
+    run, _ = reference
+    out = tmp_path / "acc_vs_cost.png"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--run-dir", str(run), "--run-dir", str(run),
+                           "--stage", "joint", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "joint" / "eval.json").read_text())
+    trained = manifest(run, "joint")["metrics"]
+    # the export evaluated on one process gives what the 2-process run measured at its end
+    assert metrics["samples"] == trained["samples"] == 40
+    assert metrics["top1"] == pytest.approx(trained["top1"]) and metrics["ratio"] == pytest.approx(trained["ratio"])
+    assert len(metrics["block_rates"]) == 9
+    assert (run / "joint" / "block_rates.png").stat().st_size > 1000 and out.stat().st_size > 1000
+
+
+def test_evaluate_cli_on_an_unfinished_run_says_what_to_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--run-dir", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "has not completed" in proc.stderr

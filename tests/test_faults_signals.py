@@ -1,0 +1,170 @@
+"""Stop signals and lost ranks, on real runs.
+
+- SIGTERM / SIGUSR1 to a training process: a checkpoint at the next steps, then exit code 75.
+- Through `accelerate launch` (torchrun's agent): the agent forwards SIGTERM, the workers exit 75,
+  the launcher itself exits 1 and lists the workers' `exitcode : 75` (what slurm/launch.sh reads).
+- A rank that stalls (SIGSTOP) or dies (SIGKILL) while the others wait in a collective: the others
+  fail within train.dist_timeout seconds instead of hanging. The ranks are started as separate
+  processes (RANK, WORLD_SIZE, MASTER_ADDR), as on separate nodes, with no agent to clean up.
+"""
+import os
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+from test_faults_harness import (STEPS, freeze, kill_group, process_tree, read_from, relative_files, run,
+                                 signal_tree, start, tail, train_command, train_env, wait_gone,
+                                 whole_state_problems)
+
+pytestmark = pytest.mark.slow
+
+JOINT_ONLY = ["stages.warmup.epochs=0", "stages.joint.milestones=[]"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data") / "cifar"
+
+
+def wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} appeared"
+        assert time.time() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.002)
+
+
+def checkpoint_files(run_dir):
+    """The files of a complete checkpoint of this run, for whole_state_problems."""
+    for stage in STEPS:
+        found = sorted((run_dir / stage / "checkpoints").glob("step-*"))
+        if found:
+            return relative_files(found[0])
+    raise AssertionError(f"no checkpoint in {run_dir}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_stop_signal_checkpoints_within_seconds_and_exits_75(data_dir, tmp_path, sig):
+    """One process (7 steps per epoch): the signal after the first checkpoint stops it mid-epoch."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = train_command(run_dir, data_dir, *JOINT_ONLY, "stages.joint.epochs=1", processes=1)
+    proc = start(cmd, log)
+    wait_for(run_dir / "joint" / "checkpoints" / "step-00000001", proc)
+    signalled = time.time()
+    os.kill(proc.pid, sig)
+    code = proc.wait(timeout=120)
+    seconds = time.time() - signalled
+    out = read_from(log)
+    assert code == 75, tail(out)
+    stopped = re.search(r"joint: stop requested; checkpoint written at step (\d+); exiting for requeue", out)
+    assert stopped, tail(out)
+    assert seconds < 30, f"{seconds:.0f} s from the signal to the exit"
+    step = int(stopped.group(1))
+    assert 1 < step < 7 and (run_dir / "joint" / "checkpoints" / f"step-{step:08d}").is_dir()
+    assert whole_state_problems(run_dir, checkpoint_files(run_dir)) == []
+    if sig == signal.SIGUSR1:  # requeued: the same command resumes from that checkpoint and completes
+        code, out = run(cmd, log, check=0)
+        assert f"joint: resumed from {run_dir}/joint/checkpoints/step-{step:08d}" in out
+        assert (run_dir / "joint" / "final" / "manifest.json").is_file()
+
+
+def test_the_launcher_forwards_sigterm_and_the_workers_exit_75(data_dir, tmp_path):
+    """2 processes, 15 steps, SIGTERM three ways; each time both workers checkpoint and exit 75.
+    - to the workers (as torchrun forwards it): the launcher exits 1 and lists `exitcode : 75` twice;
+    - to the launcher: torchrun forwards it, then exits 1 with a SignalException and no summary;
+    - to all at once (as `scancel --signal=TERM` does): the same."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = train_command(run_dir, data_dir, *JOINT_ONLY, "stages.joint.epochs=5")
+    ckpt_dir = run_dir / "joint" / "checkpoints"
+    for target in ("workers", "launcher", "all"):
+        offset = log.stat().st_size if log.exists() else 0
+        done = {p.name for p in ckpt_dir.glob("step-*")}
+        proc = start(cmd, log)
+        while not {p.name for p in ckpt_dir.glob("step-*")} - done:  # a new checkpoint: training is under way
+            assert proc.poll() is None, tail(read_from(log, offset))
+            time.sleep(0.01)
+        signalled = time.time()
+        pids = {"workers": process_tree(proc.pid)[1:], "launcher": [proc.pid], "all": process_tree(proc.pid)}
+        for pid in pids[target]:
+            os.kill(pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        seconds = time.time() - signalled
+        out = read_from(log, offset)
+        assert code == 1, tail(out)  # torchrun: "a worker did not exit 0", or "I was signalled"
+        stopped = re.search(r"joint: stop requested; checkpoint written at step (\d+); exiting for requeue", out)
+        assert stopped and (ckpt_dir / f"step-{int(stopped.group(1)):08d}").is_dir(), tail(out)
+        if target == "workers":
+            summary = re.findall(r"^\s*exitcode\s+:\s+(-?\d+) \(pid", out, re.MULTILINE)  # one line per worker
+            assert summary == ["75", "75"], tail(out)
+        else:
+            assert "SignalException" in out and "closing signal SIGTERM" in out, tail(out)
+            assert "forcefully exiting via SIGKILL" not in out, tail(out)  # the workers ended by themselves
+        assert seconds < 60, f"{seconds:.0f} s from SIGTERM to exit"
+        wait_gone(run_dir)
+        assert whole_state_problems(run_dir, checkpoint_files(run_dir)) == []
+    code, out = run(cmd, log, check=0)
+    assert "joint: resumed from" in out and (run_dir / "joint" / "final" / "manifest.json").is_file()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pipeline/trainer.py: each stage installs a new StopRequested with flag False, so a signal that "
+    "arrives after the warm-up's last step is forgotten and the joint stage runs on. Fix: keep the "
+    "flag for the process (a module-level StopRequested created once) and, in pipeline/train.py, "
+    "return 75 before starting the next stage when it is set."))
+def test_a_stop_signal_at_the_end_of_the_warmup_is_not_lost(data_dir, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = train_command(run_dir, data_dir, "stages.joint.epochs=1", "stages.joint.milestones=[]",
+                        "data.batch_size=32", processes=1)  # 3 steps per epoch
+    proc = start(cmd, log)
+    wait_for(run_dir / "warmup" / "checkpoints" / "step-00000003", proc)  # the warm-up's last checkpoint
+    freeze(proc)  # deliver the signal at exactly this point
+    os.kill(proc.pid, signal.SIGTERM)
+    signal_tree(proc, signal.SIGCONT)
+    code = proc.wait(timeout=300)
+    assert code == 75, tail(read_from(log))
+    assert not (run_dir / "joint" / "final").exists()
+
+
+# ------------------------------------------------------------------ a rank lost in a collective
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault", ["stalled", "killed"])
+def test_a_lost_rank_makes_the_other_fail_within_dist_timeout(data_dir, tmp_path, fault):
+    timeout = 10
+    run_dir = tmp_path / "run"
+    cmd = train_command(run_dir, data_dir, *JOINT_ONLY, f"train.dist_timeout={timeout}", processes=1)
+    port = str(free_port())
+    ranks = [start(cmd, tmp_path / f"rank{rank}.log",
+                   env=train_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                 MASTER_PORT=port, OMP_NUM_THREADS="1"))
+             for rank in (0, 1)]
+    try:
+        wait_for(run_dir / "joint" / "checkpoints" / "step-00000001", ranks[0])
+        lost = time.time()
+        if fault == "stalled":
+            freeze(ranks[1])  # alive, connections open, never answers
+        else:
+            kill_group(ranks[1])
+        code = ranks[0].wait(timeout=timeout + 120)
+        seconds = time.time() - lost
+    finally:
+        for proc in ranks:
+            kill_group(proc)
+    out = read_from(tmp_path / "rank0.log")
+    assert code not in (0, 75), tail(out)
+    if fault == "stalled":
+        assert re.search(rf"Timed out waiting {timeout * 1000}ms", out), tail(out)
+        assert timeout <= seconds < timeout + 60, f"rank 0 failed {seconds:.0f} s after rank 1 stalled"
+    else:
+        assert re.search(r"Connection (closed|reset) by peer", out), tail(out)
+        assert seconds < timeout + 60, f"rank 0 failed {seconds:.0f} s after rank 1 died"
+    wait_gone(run_dir)
+    assert whole_state_problems(run_dir, checkpoint_files(run_dir)) == []
