@@ -44,10 +44,13 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def _write_failed(what: Path, err: Exception, resume_hint: str) -> CheckpointError:
     # torch.save reports a full disk as "unexpected pos ...": say how much room there is
-    free_mb = shutil.disk_usage(what.parent).free / 2 ** 20
+    folder = what.parent
+    while not folder.exists():
+        folder = folder.parent
+    free_mb = shutil.disk_usage(folder).free / 2 ** 20
     return CheckpointError(
-        f"writing {what} failed: {_brief(err)}. {what.parent} has {free_mb:.1f} MiB free: if the disk is "
-        f"full or not writable, free space or fix the permissions, then run the same command again: {resume_hint}")
+        f"writing {what} failed: {_brief(err)}. {folder} has {free_mb:.1f} MiB free: if the disk is full "
+        f"or not writable, free space or fix the permissions, then run the same command again: {resume_hint}")
 
 
 def _brief(err: Exception) -> str:
@@ -125,8 +128,15 @@ def _writing(accelerator, ckpt_dir: Path, tmp: Path):
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and `.tmp-*` leftovers. A checkpoint is renamed
+    to a `.tmp-` name first: a kill during the deletion leaves nothing that still looks complete."""
     for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(old, old.with_name(f".tmp-{old.name}.old"))
+    remove_leftovers(ckpt_dir)
+
+
+def remove_leftovers(ckpt_dir: Path) -> None:
+    """Remove `.tmp-step-*` folders: killed writes, checkpoints half deleted."""
     for tmp in ckpt_dir.glob(f".tmp-{PREFIX}*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -176,6 +186,7 @@ def export_final(stage_dir: Path, state_dict: dict, manifest: dict) -> Path:
         error = _write_failed(tmp, err, "the stage resumes from its last checkpoint and exports again")
         shutil.rmtree(tmp, ignore_errors=True)
         raise error from err
+    remove_leftovers(stage_dir / "checkpoints")  # before `final` exists: a complete stage has none
     _replace_dir(tmp, final)
     return final
 

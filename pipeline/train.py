@@ -9,11 +9,15 @@ from its latest checkpoint; re-running a completed one says so and exits 0.
 
 Exit codes: 0 done; 2 bad job, config, data or run directory; 75 stopped by SIGTERM/SIGUSR1 (or
 train.stop_at_step) after writing a checkpoint: requeue and run again to resume; 1 anything else.
+These are each process's codes: `accelerate launch` itself exits 1 when a worker exits non-zero
+(docs/reliability.md says how to read the workers' codes).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import os
 import signal
 import sys
 from pathlib import Path
@@ -48,7 +52,20 @@ def bound_collective_waits(seconds: float) -> None:
     distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
 
 
+def die_with_the_launcher() -> None:
+    """torchrun starts each worker in a session of its own: a launcher killed alone (kill -9, the OOM
+    killer) would leave its workers training on, unseen, beside a rerun in the same run directory.
+    On Linux the kernel is asked to SIGKILL this worker when its launcher dies."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before this process asked
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main(argv=None) -> int:
+    die_with_the_launcher()
     args = parse_args(argv)
     try:
         cfg = load_config(args.job, args.set)

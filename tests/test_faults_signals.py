@@ -75,11 +75,12 @@ def test_the_launcher_forwards_sigterm_and_the_workers_exit_75(data_dir, tmp_pat
     """2 processes, 15 steps, SIGTERM three ways; each time both workers checkpoint and exit 75.
     - to the workers (as torchrun forwards it): the launcher exits 1 and lists `exitcode : 75` twice;
     - to the launcher: torchrun forwards it, then exits 1 with a SignalException and no summary;
-    - to all at once (as `scancel --signal=TERM` does): the same."""
+    - to all at once (as `scancel --signal=TERM` does): the same.
+    Then SIGKILL to the launcher alone: its workers die with it (they do not train on, unseen)."""
     run_dir, log = tmp_path / "run", tmp_path / "log"
-    cmd = train_command(run_dir, data_dir, *JOINT_ONLY, "stages.joint.epochs=5")
+    cmd = train_command(run_dir, data_dir, *JOINT_ONLY, "stages.joint.epochs=6")
     ckpt_dir = run_dir / "joint" / "checkpoints"
-    for target in ("workers", "launcher", "all"):
+    for target in ("workers", "launcher", "all", "kill launcher"):
         offset = log.stat().st_size if log.exists() else 0
         done = {p.name for p in ckpt_dir.glob("step-*")}
         proc = start(cmd, log)
@@ -87,6 +88,12 @@ def test_the_launcher_forwards_sigterm_and_the_workers_exit_75(data_dir, tmp_pat
             assert proc.poll() is None, tail(read_from(log, offset))
             time.sleep(0.01)
         signalled = time.time()
+        if target == "kill launcher":
+            proc.kill()
+            proc.wait()
+            wait_gone(run_dir, timeout=5)
+            assert whole_state_problems(run_dir, checkpoint_files(run_dir)) == []
+            continue
         pids = {"workers": process_tree(proc.pid)[1:], "launcher": [proc.pid], "all": process_tree(proc.pid)}
         for pid in pids[target]:
             os.kill(pid, signal.SIGTERM)
