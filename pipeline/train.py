@@ -80,12 +80,15 @@ def main(argv=None) -> int:
         return USAGE_EXIT
 
     from pipeline.data import DataError
-    from pipeline.trainer import run_stage
+    from pipeline.trainer import REQUEUE_EXIT, process_stopper, run_stage
     bound_collective_waits(cfg["train"]["dist_timeout"])
     for stage in todo:
         if ckpt.read_manifest(run_dir / stage) is not None:
             print(f"{stage}: already complete ({run_dir / stage / 'final'}); nothing to do")
             continue
+        if process_stopper().flag:  # stopped after the previous stage's last step: start no new one
+            print(f"{stage}: stop requested before this stage started; exiting for requeue", flush=True)
+            return REQUEUE_EXIT
         if stage == "joint" and "warmup" in stages and ckpt.read_manifest(run_dir / "warmup") is None:
             job = f" --job {args.job}" if args.job else ""
             print(f"error: the joint stage starts from the completed warm-up, and {run_dir / 'warmup' / 'final'} "

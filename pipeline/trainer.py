@@ -40,6 +40,17 @@ class StopRequested:
         self.flag = True
 
 
+_STOPPER = None
+
+
+def process_stopper() -> StopRequested:
+    """The one stop flag of this process: a signal that arrives between two stages is kept too."""
+    global _STOPPER
+    if _STOPPER is None:
+        _STOPPER = StopRequested()
+    return _STOPPER
+
+
 def stage_mode(cfg: dict, stage: str) -> str:
     return "uniform" if stage == "warmup" else cfg["stages"]["joint"]["mode"]
 
@@ -127,7 +138,7 @@ def run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
 def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
     stage_dir = run_dir / stage
     ckpt_dir = stage_dir / "checkpoints"
-    stopper = StopRequested()
+    stopper = process_stopper()
     accelerator = make_accelerator(cfg, str(run_dir))
     rank, world = accelerator.process_index, accelerator.num_processes
     log = accelerator.print
@@ -187,7 +198,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
                                      f"The last good checkpoint is kept in {ckpt_dir}; lower optim.lr.")
         ckpt.save_checkpoint(accelerator, ckpt_dir, state, train_loader, tcfg["keep_checkpoints"])
 
-    metrics = {}
+    metrics = state.get("metrics", {})  # a stage resumed after its last validation still exports them
     flags = StepFlags(accelerator.device)
     epochs = stage_cfg["epochs"]
     loss_cfg = cfg["loss"]
@@ -246,6 +257,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
         if state["epoch"] % tcfg["eval_every"] == 0 or state["epoch"] == epochs:
             eval_mode = "full" if mode == "uniform" else mode
             metrics = evaluate(engine, net, val_loader, accelerator, eval_mode, cfg, bf16)
+            state["metrics"] = metrics
             log(f"{stage} epoch {state['epoch']}/{epochs}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
             if writer is not None:

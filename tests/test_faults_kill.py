@@ -215,10 +215,6 @@ def test_killed_anywhere_then_rerun_finishes_with_the_uninterrupted_weights(kill
         assert leftovers(chain.run_dir) == [], context  # every half-written folder was cleaned up
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/trainer.py: a stage resumed from its last checkpoint skips the epoch loop and exports "
-    "metrics={}. Fix: keep the last validation metrics in the checkpointed state "
-    "(state['metrics'] = metrics before save()) and start from metrics = state.get('metrics', {})."))
 def test_a_stage_killed_before_its_export_keeps_its_validation_metrics(kill_chains, reference):
     killed = [c for c in kill_chains if any(k.startswith("between warmup") for k in c.kills)]
     assert killed
