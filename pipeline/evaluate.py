@@ -62,7 +62,7 @@ def loader_image_size(cfg: dict) -> int:
 def evaluate_run(run_dir: Path, stage: str, data_overrides: list[str]) -> dict:
     """Evaluate a completed stage's export on one process (GPU if there is one)."""
     from pipeline import checkpoint as ckpt
-    from pipeline.config import load_config, parse_overrides, _merge
+    from pipeline.config import _merge, parse_overrides
     from pipeline.data import build_loader
     from pipeline.trainer import build_model, stage_mode
 
