@@ -2,8 +2,10 @@
 
     python -m pipeline.evaluate --run-dir runs/cifar10_r110 [--run-dir runs/other ...] [--stage joint]
 
-writes `<run>/<stage>/eval.json` and `<run>/<stage>/block_rates.png` for each run, and
-`accuracy_vs_cost.png` (all runs given) into the first run directory (or --out).
+writes `<run>/<stage>/eval.json` and `<run>/<stage>/block_rates.png` for each run,
+`<run>/joint/path_groups.png` (the most frequent execution paths with some of their images, as in
+the paper's Fig. 8) for routed runs, and `accuracy_vs_cost.png` (all runs given) into the first run
+directory (or --out).
 """
 from __future__ import annotations
 
@@ -17,11 +19,68 @@ import torch
 from rdinet import model_cost
 
 
+class PathGroups:
+    """Execution paths of evaluated images, with thumbnails of the first `keep` images."""
+
+    def __init__(self, mean, std, keep: int = 4000, side: int = 32):
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.keep, self.side = keep, side
+        self.paths: list[torch.Tensor] = []
+        self.thumbs: list[torch.Tensor] = []
+        self.kept = 0
+
+    def add(self, images: torch.Tensor, gates: torch.Tensor) -> None:
+        self.paths.append(gates.bool().cpu())
+        take = min(self.keep - self.kept, images.shape[0])
+        if take > 0:
+            x = images[:take].float()
+            if x.shape[-1] != self.side:
+                x = torch.nn.functional.interpolate(x, size=(self.side, self.side), mode="bilinear", antialias=True)
+            x = x.cpu() * self.std + self.mean  # back to 0..255
+            self.thumbs.append(x.clamp(0, 255).to(torch.uint8))
+            self.kept += take
+
+    def groups(self, count: int, per_group: int) -> list[tuple[str, int, torch.Tensor]]:
+        """The `count` most frequent paths: (path as 0/1 string, images taking it, thumbnails)."""
+        paths = torch.cat(self.paths)
+        unique, inverse, counts = torch.unique(paths, dim=0, return_inverse=True, return_counts=True)
+        thumbs = torch.cat(self.thumbs) if self.thumbs else torch.zeros(0, 3, self.side, self.side, dtype=torch.uint8)
+        found = []
+        for index in counts.argsort(descending=True)[:count].tolist():
+            members = (inverse[:len(thumbs)] == index).nonzero().flatten()[:per_group]
+            path = "".join("1" if bit else "0" for bit in unique[index].tolist())
+            found.append((path, int(counts[index]), thumbs[members]))
+        return found
+
+    def plot(self, path: Path, title: str, count: int = 4, per_group: int = 8) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        groups = self.groups(count, per_group)
+        fig, axes = plt.subplots(len(groups), per_group, figsize=(per_group * 0.9, len(groups) * 1.15), squeeze=False)
+        total = sum(len(p) for p in self.paths)
+        for row, (bits, n, thumbs) in enumerate(groups):
+            for col in range(per_group):
+                ax = axes[row][col]
+                ax.axis("off")
+                if col < len(thumbs):
+                    ax.imshow(thumbs[col].permute(1, 2, 0).numpy())
+            axes[row][0].set_title(f"path {bits}: {n} of {total} images ({100 * n / total:.1f}%)",
+                                   fontsize=7, loc="left")
+        fig.suptitle(title, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
 @torch.no_grad()
-def evaluate(model, net, loader, accelerator, mode: str, cfg: dict, bf16: bool) -> dict:
+def evaluate(model, net, loader, accelerator, mode: str, cfg: dict, bf16: bool,
+             paths: PathGroups | None = None) -> dict:
     """Run the validation split once. `model` is what is called (a DeepSpeed engine or the plain
     module), `net` the plain module (for modes and cost). Padding samples (label -1) are ignored.
-    Sums are reduced across processes when `accelerator` is given."""
+    Sums are reduced across processes when `accelerator` is given. `paths`, when given, collects
+    each image's execution path (this process's images only)."""
     was_training = net.training
     model.eval()
     net.set_mode(mode)
@@ -44,6 +103,8 @@ def evaluate(model, net, loader, accelerator, mode: str, cfg: dict, bf16: bool) 
         sums += torch.tensor([float((topk[:, 0] == labels).sum()), float((topk == labels[:, None]).any(1).sum()),
                               n, cost["gmacs"] * n, cost["ratio"] * n], device=device)
         gate_sum += gates.sum(0)
+        if paths is not None:
+            paths.add(images[valid], gates)
     if accelerator is not None:
         packed = accelerator.reduce(torch.cat([sums, gate_sum]), reduction="sum")
         sums, gate_sum = packed[:5], packed[5:]
@@ -59,8 +120,9 @@ def loader_image_size(cfg: dict) -> int:
     return cfg["data"]["image_size"] if cfg["data"]["dataset"] == "imagenet" else 32
 
 
-def evaluate_run(run_dir: Path, stage: str, data_overrides: list[str]) -> dict:
-    """Evaluate a completed stage's export on one process (GPU if there is one)."""
+def evaluate_run(run_dir: Path, stage: str, data_overrides: list[str], path_groups: int = 0) -> dict:
+    """Evaluate a completed stage's export on one process (GPU if there is one); with path_groups > 0
+    a routed model's most frequent execution paths are drawn into path_groups.png."""
     from pipeline import checkpoint as ckpt
     from pipeline.config import _merge, parse_overrides
     from pipeline.data import build_loader
@@ -79,10 +141,14 @@ def evaluate_run(run_dir: Path, stage: str, data_overrides: list[str]) -> dict:
     model = model.to(device, memory_format=torch.channels_last)
     loader = build_loader(cfg["data"], "val", device_id=0 if on_gpu else None, seed=cfg["seed"])
     mode = "full" if stage_mode(cfg, stage) == "uniform" else stage_mode(cfg, stage)
-    metrics = evaluate(model, model, loader, None, mode, cfg, bf16=on_gpu)
+    paths = PathGroups(loader.mean, loader.std) if path_groups > 0 and mode == "joint" else None
+    metrics = evaluate(model, model, loader, None, mode, cfg, bf16=on_gpu, paths=paths)
     metrics.update(run=str(run_dir), stage=stage, job=cfg["job"], arch=cfg["model"]["arch"], mode=mode,
                    t=cfg["loss"]["t"])
     (run_dir / stage / "eval.json").write_text(json.dumps(metrics, indent=1))
+    if paths is not None:
+        paths.plot(run_dir / stage / "path_groups.png", f"{cfg['job']}: most frequent execution paths "
+                   f"(1 = block runs), held-out images", count=path_groups)
     return metrics
 
 
@@ -125,12 +191,14 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
                         help="override data keys, e.g. data.root on another machine")
     parser.add_argument("--out", type=Path, default=None, help="where to write accuracy_vs_cost.png")
+    parser.add_argument("--path-groups", type=int, default=4, metavar="N",
+                        help="draw the N most frequent execution paths of a routed model (0: none)")
     args = parser.parse_args(argv)
     results = []
     try:
         for run in args.run_dir:
             stage = args.stage or ("joint" if (run / "joint" / "final").is_dir() else "warmup")
-            metrics = evaluate_run(run, stage, args.set)
+            metrics = evaluate_run(run, stage, args.set, args.path_groups)
             plot_block_rates(metrics, run / stage / "block_rates.png")
             print(json.dumps({k: v for k, v in metrics.items() if k != "block_rates"}))
             results.append(metrics)

@@ -55,20 +55,23 @@ class RelationalRouter(nn.Module):
         if rows == 1:
             aggregated = s_tilde
         else:
-            stacked = torch.stack([*previous[len(previous) - rows + 1:], s_tilde], dim=1)  # (B, rows, d)
-            stacked = stacked.to(s_tilde.dtype)
-            weights = self._edge_weights(stacked)  # (B, 1, rows)
-            aggregated = torch.bmm(weights, stacked).squeeze(1)
+            used = previous[len(previous) - rows + 1:]
+            if self.gamma == "auto":
+                stacked = torch.stack([*used, s_tilde], dim=1).to(s_tilde.dtype)  # (B, rows, d)
+                aggregated = torch.bmm(self._cosine_weights(stacked), stacked).squeeze(1)
+            else:
+                # sum_k gamma^k s_{n-k}: one fused multiply-add per preceding router, no stacking
+                # (routers run once per block, so their kernel count sets the step time).
+                aggregated = s_tilde
+                for k, s_prev in enumerate(reversed(used), start=1):
+                    aggregated = torch.add(aggregated, s_prev.to(s_tilde.dtype), alpha=float(self.gamma) ** k)
         s_n = F.relu(self.gcn(aggregated))
         return s_n, self.decide(s_n)
 
-    def _edge_weights(self, stacked: torch.Tensor) -> torch.Tensor:
-        batch, rows, _ = stacked.shape
-        if self.gamma == "auto":
-            unit = F.normalize(stacked, dim=-1)
-            cosine = torch.bmm(unit[:, :-1], unit[:, -1:].transpose(1, 2)).squeeze(-1)  # (B, rows-1)
-            current = torch.ones(batch, 1, dtype=cosine.dtype, device=cosine.device)
-            return torch.cat([cosine, current], dim=1).unsqueeze(1)
-        distance = torch.arange(rows - 1, -1, -1, device=stacked.device, dtype=torch.float32)
-        weights = torch.pow(float(self.gamma), distance).to(stacked.dtype)  # gamma^0 = 1 for the current node
-        return weights.view(1, 1, rows).expand(batch, 1, rows)
+    @staticmethod
+    def _cosine_weights(stacked: torch.Tensor) -> torch.Tensor:
+        """gamma = "auto": edge weights (B, 1, rows) = cosine similarity of each row to s_tilde."""
+        unit = F.normalize(stacked, dim=-1)
+        cosine = torch.bmm(unit[:, :-1], unit[:, -1:].transpose(1, 2)).squeeze(-1)  # (B, rows-1)
+        current = torch.ones(stacked.shape[0], 1, dtype=cosine.dtype, device=cosine.device)
+        return torch.cat([cosine, current], dim=1).unsqueeze(1)

@@ -162,6 +162,7 @@ def test_evaluate_cli_writes_metrics_and_plots(reference, data_dir, tmp_path):
     assert metrics["ratio"] == pytest.approx(trained["ratio"], abs=0.02)
     assert len(metrics["block_rates"]) == 9
     assert (run / "joint" / "block_rates.png").stat().st_size > 1000 and out.stat().st_size > 1000
+    assert (run / "joint" / "path_groups.png").stat().st_size > 1000
 
 
 def test_evaluate_cli_on_an_unfinished_run_says_what_to_run(tmp_path):
