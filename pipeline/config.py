@@ -60,6 +60,9 @@ DEFAULTS = {
     "train": {
         "deepspeed_config": "jobs/deepspeed/zero2.json",  # relative to the repo root or absolute
         "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+        # torch.compile of the training forward (DeepSpeed's engine.compile): none | default |
+        # reduce-overhead (CUDA graphs: the routers' many small kernels launch as one) | max-autotune
+        "compile": "none",
         "checkpoint_every": 500,  # steps; checkpoints are also written at every epoch end
         "keep_checkpoints": 2,
         "log_every": 20,
@@ -72,6 +75,7 @@ DEFAULTS = {
 }
 
 STAGES = ("warmup", "joint")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 def _parse_value(text: str):
@@ -167,6 +171,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError("config key 'data.root' is not set: pass --set data.root=/path/to/dataset")
     if cfg["train"]["precision"] not in ("auto", "bf16", "fp32"):
         raise ConfigError("config key 'train.precision' must be one of auto, bf16, fp32")
+    if cfg["train"]["compile"] not in COMPILE_MODES:
+        raise ConfigError(f"config key 'train.compile' must be one of {', '.join(COMPILE_MODES)}")
     if cfg["stages"]["joint"]["mode"] not in ("joint", "full"):
         raise ConfigError("config key 'stages.joint.mode' must be 'joint' (RDI-Net) or 'full' (static ResNet)")
     for stage in STAGES:

@@ -91,7 +91,9 @@ def evaluate(model, net, loader, accelerator, mode: str, cfg: dict, bf16: bool,
     for images, labels in loader:
         if not bf16:
             images = images.float()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and accelerator is None):
+        # A model compiled for training runs eagerly here: real skipping has data-dependent shapes.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and accelerator is None), \
+                torch.compiler.set_stance("force_eager"):
             out = model(images)
         valid = labels >= 0
         if not valid.any():

@@ -174,6 +174,9 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
                                cfg["optim"]["warmup_epochs"])
     engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     net = accelerator.unwrap_model(engine)
+    compiled = tcfg["compile"] != "none"
+    if compiled:  # training shapes are static (soft gates blend); evaluation stays eager
+        engine.compile(compile_kwargs={"mode": tcfg["compile"]})
 
     state = {"stage": stage, "step": 0, "epoch": 0, "batch_in_epoch": 0}
     latest = ckpt.latest_checkpoint(ckpt_dir)
@@ -182,6 +185,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
         log(f"{stage}: resumed from {latest} (epoch {state['epoch']}, step {state['step']})")
     log(f"{stage}: {world} process(es), DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, "
         f"{'bf16 autocast' if bf16 else 'fp32'}, mode {mode}, {steps_per_epoch} steps/epoch, "
+        f"{'compile ' + tcfg['compile'] + ', ' if compiled else ''}"
         f"global batch {global_batch}")
 
     writer = None
@@ -210,6 +214,8 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
         for images, labels in train_loader:
             if not bf16:
                 images = images.float()
+            if compiled:  # a new step: CUDA graph outputs of the previous one may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             out = engine(images)
             logits = out.logits.float()
             if mode == "joint":
@@ -248,7 +254,10 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
                 save()
         if progress is not None:
             progress.close()
-        stop, bad = flags.drain()
+        stop, bad = flags.drain()  # waits for the last step's flags, so the GPU has caught up
+        epoch_s = time.perf_counter() - tick
+        log(f"{stage} epoch {state['epoch'] + 1}/{epochs}: trained {seen} images in {epoch_s:.1f} s "
+            f"({seen / epoch_s:.0f} img/s)")
         if bad:
             _raise_non_finite(stage, bad, ckpt_dir)
         requeue = requeue or stop

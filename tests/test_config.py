@@ -55,6 +55,7 @@ def test_overrides_parse_yaml_values():
     ("model=3", "model"),
     ("stages.joint.mode=fast", "stages.joint.mode"),
     ("data.root=", "data.root"),
+    ("train.compile=fast", "train.compile"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

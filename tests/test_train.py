@@ -146,6 +146,16 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_what_was_saved(tmp_path, d
     assert not (run / "joint" / "final").exists()
 
 
+def test_compiled_training_runs_both_stages_and_evaluates_eagerly(data_dir, tmp_path):
+    run = tmp_path / "compiled"
+    proc = train(run, data_dir, "train.compile=default", "train.deterministic=false", processes=1, check=0)
+    out = proc.stdout + proc.stderr
+    assert "mode uniform" in out and "mode joint" in out and out.count("compile default") == 2
+    metrics = manifest(run, "joint")["metrics"]
+    # evaluation (eager, real skipping) of the compiled model: hard 0/1 decisions, a finite result
+    assert metrics["samples"] == 40 and 0 <= metrics["exec_rate"] <= 1 and 0 <= metrics["top1"] <= 1
+
+
 def test_evaluate_cli_writes_metrics_and_plots(reference, data_dir, tmp_path):
     run, _ = reference
     out = tmp_path / "acc_vs_cost.png"
