@@ -58,18 +58,22 @@ class PathGroups:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         groups = self.groups(count, per_group)
-        fig, axes = plt.subplots(len(groups), per_group, figsize=(per_group * 0.9, len(groups) * 1.15), squeeze=False)
         total = sum(len(p) for p in self.paths)
+        # one row of thumbnails per path, its label above it (figure text: axes titles would
+        # squeeze the thumbnails)
+        fig, axes = plt.subplots(len(groups), per_group, figsize=(per_group * 1.0, len(groups) * 1.35 + 0.4),
+                                 squeeze=False, gridspec_kw={"hspace": 0.55, "wspace": 0.05})
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (len(groups) * 1.35 + 0.4))
         for row, (bits, n, thumbs) in enumerate(groups):
             for col in range(per_group):
                 ax = axes[row][col]
                 ax.axis("off")
                 if col < len(thumbs):
-                    ax.imshow(thumbs[col].permute(1, 2, 0).numpy())
-            axes[row][0].set_title(f"path {bits}: {n} of {total} images ({100 * n / total:.1f}%)",
-                                   fontsize=7, loc="left")
+                    ax.imshow(thumbs[col].permute(1, 2, 0).numpy(), interpolation="nearest")
+            box = axes[row][0].get_position()
+            fig.text(box.x0, box.y1 + 0.01, f"path {bits}: {n} of {total} images ({100 * n / total:.1f}%)",
+                     fontsize=7, va="bottom")
         fig.suptitle(title, fontsize=8)
-        fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
@@ -170,14 +174,15 @@ def plot_block_rates(metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_accuracy_vs_cost(all_metrics: list[dict], path: Path) -> None:
+def plot_accuracy_vs_cost(all_metrics: list[dict], path: Path, labels: list[str] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 4))
-    for m in all_metrics:
+    labels = labels or [f"{m['job']}/{m['stage']}" for m in all_metrics]
+    for m, label in zip(all_metrics, labels):
         ax.scatter(m["gflops"], 100 * m["top1"])
-        ax.annotate(f"{m['job']}/{m['stage']}", (m["gflops"], 100 * m["top1"]), fontsize=7)
+        ax.annotate(label, (m["gflops"], 100 * m["top1"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)

@@ -1,6 +1,6 @@
 """The results table of a sweep, from its runs' evaluations (pipeline.evaluate) and timings.
 
-    python -m pipeline.report --runs-dir runs/r32 [--out table.md]
+    python -m pipeline.report --runs-dir runs/r32 [--out table.md] [--plot accuracy_vs_cost.png]
 
 One line per row of the sweep: held-out top-1, GFLOPs per image and the cost relative to the static
 network (routers included), the blocks' execution rate, epochs, card and wall time. A row's wall
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline import checkpoint as ckpt
+from pipeline.evaluate import plot_accuracy_vs_cost
 from pipeline.sweep import read_sweep
 
 HEADER = ("| row | job | top-1 (%) | GFLOPs | ratio to static | blocks run | epochs (USW + joint) | card | "
@@ -30,12 +31,12 @@ def rows(runs_dir: Path) -> list[dict]:
     for name, run in sweep["runs"].items():
         if run["stage"] == "warmup":
             continue
-        stage_dir = Path(run["run_dir"]) / run["final"]
+        stage_dir = runs_dir / name / run["final"]  # where the runs are now (they may have moved)
         eval_path = stage_dir / "eval.json"
         manifest = ckpt.read_manifest(stage_dir)
         if manifest is None or not eval_path.is_file():
             raise FileNotFoundError(f"{stage_dir}: no export or no eval.json; finish the sweep, then run "
-                                    f"python -m pipeline.evaluate --run-dir {run['run_dir']}")
+                                    f"python -m pipeline.evaluate --run-dir {runs_dir / name}")
         metrics = json.loads(eval_path.read_text())
         stages = manifest["config"]["stages"]
         warmup = sweep["runs"][run["needs"]] if run["needs"] else None
@@ -59,15 +60,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw top-1 against GFLOPs here (PNG)")
     args = parser.parse_args(argv)
     try:
-        text = table(rows(args.runs_dir))
+        found = rows(args.runs_dir)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    text = table(found)
     print(text, end="")
     if args.out:
         ckpt.write_atomic(args.out, text.encode())
+    if args.plot:
+        plot_accuracy_vs_cost([r["metrics"] for r in found], args.plot, labels=[r["row"] for r in found])
     return 0
 
 

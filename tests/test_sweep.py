@@ -74,8 +74,9 @@ def test_sweep_stops_resumes_and_hands_one_warmup_to_every_row(tmp_path):
                                cwd=REPO, capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = subprocess.run([sys.executable, "-m", "pipeline.report", "--runs-dir", str(runs_dir),
-                             "--out", str(tmp_path / "table.md")], cwd=REPO, capture_output=True, text=True, timeout=120)
+                             "--out", str(tmp_path / "table.md"), "--plot", str(tmp_path / "plot.png")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
+    assert (tmp_path / "plot.png").stat().st_size > 1000
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| t06", "| usw", "| static"]
     static = lines[-1].split(" | ")
