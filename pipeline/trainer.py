@@ -95,7 +95,9 @@ class StepFlags:
 
     def push(self, stop: bool, terms: dict, step: int):
         """Queue this step's flags; return the previous step's outcome (see `resolve`)."""
-        flags = torch.stack([torch.tensor(float(stop), device=self.device),
+        # torch.full fills on the device; torch.tensor(x, device=...) would copy from the host
+        # and wait for the GPU to drain first.
+        flags = torch.stack([torch.full((), float(stop), device=self.device),
                              (~torch.isfinite(terms["loss"].detach())).float()])
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
         previous, self.pending = self.pending, (work, flags, {k: v.detach() for k, v in terms.items()}, step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -35,10 +36,7 @@ def color_histograms(images: torch.Tensor, bins: int = 16, mean: Sequence[float]
                 "float images need mean and std (0..255 units) to be de-normalised; pass "
                 "mean=(0, 0, 0), std=(1, 1, 1) for float images already in 0..255"
             )
-        mean_t = _per_channel(mean, "mean", images.device)
-        std_t = _per_channel(std, "std", images.device)
-        if not bool((std_t > 0).all()):
-            raise ValueError(f"std={tuple(std)} must be > 0 for every channel")
+        mean_t, std_t = _denormaliser(_per_channel(mean, "mean"), _per_channel(std, "std"), images.device)
         values = images.float() * std_t + mean_t
         index = torch.floor(values * (bins / 256.0)).long().clamp_(0, bins - 1)
     else:
@@ -51,11 +49,24 @@ def color_histograms(images: torch.Tensor, bins: int = 16, mean: Sequence[float]
     return counts / float(images.shape[2] * images.shape[3])
 
 
-def _per_channel(values, name: str, device) -> torch.Tensor:
-    tensor = torch.as_tensor(values, dtype=torch.float32, device=device).flatten()
-    if tensor.numel() != 3:
+def _per_channel(values, name: str) -> tuple[float, float, float]:
+    """Three per-channel numbers, checked on the host (a check on the GPU would wait for it)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().flatten().tolist()
+    values = tuple(float(v) for v in values)
+    if len(values) != 3:
         raise ValueError(f"{name} must hold 3 values (one per channel, 0..255 units); got {values!r}")
-    return tensor.view(1, 3, 1, 1)
+    if name == "std" and not all(v > 0 for v in values):
+        raise ValueError(f"std={values} must be > 0 for every channel")
+    return values
+
+
+@functools.lru_cache(maxsize=16)
+def _denormaliser(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) as (1, 3, 1, 1) tensors on `device`, made once: copying them from the host at
+    every training step would make the host wait for the GPU each time."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 def rank_loss(paths: torch.Tensor, hist: torch.Tensor, phi: float = 0.5, tie_eps: float = 1e-3) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """pipeline.sweep on the CPU: rows run side by side, one shared warm-up, a stopped sweep resumes."""
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,41 @@ def test_sweep_stops_resumes_and_hands_one_warmup_to_every_row(tmp_path):
     static = lines[-1].split(" | ")
     assert static[4] == "1.000" and static[6] == "0 + 1"  # the static network, no warm-up
     assert float(lines[2].split(" | ")[-1].rstrip(" |")) > 0  # minutes, shared warm-up included
+
+
+def test_a_failing_row_fails_alone_and_the_sweep_says_so(tmp_path):
+    jobs = write_rows(tmp_path)
+    broken = tmp_path / "nodata.yaml"  # finds no CIFAR-100 under data.root and may not generate one
+    broken.write_text(f"extends: {jobs[2]}\njob: sweep_nodata\nmodel: {{num_classes: 100}}\n"
+                      f"data: {{dataset: cifar100, generate: false}}\n")
+    runs_dir = tmp_path / "runs"
+    done = sweep(runs_dir, [jobs[2], broken], tmp_path / "data-nodata-only")
+    assert done.returncode == 1, done.stdout + done.stderr
+    record = json.loads((runs_dir / "sweep.json").read_text())["runs"]
+    assert record["nodata"]["status"] == "failed" and record["static"]["status"] == "done"
+    assert "failed nodata" in done.stdout and "does not exist" not in done.stdout
+    assert "error:" in (runs_dir / "logs" / "nodata.log").read_text()  # the reason is in the row's log
+
+
+def test_sigterm_reaches_every_row_which_checkpoints_and_stops(tmp_path):
+    jobs = write_rows(tmp_path)
+    runs_dir = tmp_path / "runs"
+    longer = ["data.root=" + str(tmp_path / "data"), *TINY, "data.generated_size=48", "train.checkpoint_every=0"]
+    sets = [arg for item in longer for arg in ("--set", item)]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", "--runs-dir", str(runs_dir),
+                             *map(str, jobs), *sets], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    logs = [runs_dir / "logs" / f"{name}.log" for name in ("static", "warmup-t06")]
+    deadline = time.time() + 300
+    while not all(log.is_file() and "steps/epoch" in log.read_text() for log in logs):
+        assert proc.poll() is None and time.time() < deadline, "the runs never started training"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out
+    record = json.loads((runs_dir / "sweep.json").read_text())["runs"]
+    assert record["static"]["status"] == record["warmup-t06"]["status"] == "stopped", record
+    assert record["t06"]["status"] == "pending"  # its warm-up never finished: it never started
+    for run in ("static", "warmup-t06"):
+        stage = "joint" if run == "static" else "warmup"
+        assert sorted((runs_dir / run / stage / "checkpoints").glob("step-*")), f"{run} left no checkpoint"
