@@ -147,11 +147,13 @@ def _linear_macs(layer: nn.Linear) -> int:
 
 
 def _router_macs(router: nn.Module, available: int) -> int:
-    """FC align (C_n x d), GCN aggregation (rows x d, plus (rows - 1) x d for the cosine weights
-    of gamma = "auto"), GCN weight (d x d), decision FC (d x 2)."""
+    """FC align (C_n x d), GCN weight (d x d), decision FC (d x 2), and for gamma = "auto" the
+    cosine weights and the weighted sum as batched matmuls ((rows - 1) x d + rows x d). With a
+    fixed gamma the weighted sum is (rows - 1) element-wise multiply-adds of d values, not counted,
+    like BatchNorm and the residual adds (the convention of torch.utils.flop_counter)."""
     d = router.gcn.in_features
     rows = router.num_rows(available)
     aggregation = 0
-    if rows > 1:
-        aggregation = rows * d + ((rows - 1) * d if router.gamma == "auto" else 0)
+    if rows > 1 and router.gamma == "auto":
+        aggregation = (rows - 1) * d + rows * d
     return _linear_macs(router.align) + aggregation + _linear_macs(router.gcn) + _linear_macs(router.decide)
