@@ -16,15 +16,14 @@ from pathlib import Path
 
 import torch
 
-from rdinet import model_cost
+from rdinet import model_cost, srm
 
 
 class PathGroups:
     """Execution paths of evaluated images, with thumbnails of the first `keep` images."""
 
     def __init__(self, mean, std, keep: int = 4000, side: int = 32):
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.mean, self.std = mean, std  # of the normalised images, 0..255 units
         self.keep, self.side = keep, side
         self.paths: list[torch.Tensor] = []
         self.thumbs: list[torch.Tensor] = []
@@ -34,11 +33,10 @@ class PathGroups:
         self.paths.append(gates.bool().cpu())
         take = min(self.keep - self.kept, images.shape[0])
         if take > 0:
-            x = images[:take].float()
+            x = srm.denormalise(images[:take], self.mean, self.std)
             if x.shape[-1] != self.side:
                 x = torch.nn.functional.interpolate(x, size=(self.side, self.side), mode="bilinear", antialias=True)
-            x = x.cpu() * self.std + self.mean  # back to 0..255
-            self.thumbs.append(x.clamp(0, 255).to(torch.uint8))
+            self.thumbs.append(x.clamp(0, 255).to(torch.uint8).cpu())
             self.kept += take
 
     def groups(self, count: int, per_group: int) -> list[tuple[str, int, torch.Tensor]]:

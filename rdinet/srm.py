@@ -36,8 +36,7 @@ def color_histograms(images: torch.Tensor, bins: int = 16, mean: Sequence[float]
                 "float images need mean and std (0..255 units) to be de-normalised; pass "
                 "mean=(0, 0, 0), std=(1, 1, 1) for float images already in 0..255"
             )
-        mean_t, std_t = _denormaliser(_per_channel(mean, "mean"), _per_channel(std, "std"), images.device)
-        values = images.float() * std_t + mean_t
+        values = denormalise(images, mean, std)
         index = torch.floor(values * (bins / 256.0)).long().clamp_(0, bins - 1)
     else:
         raise ValueError(f"images must be uint8 (0..255) or floating point; got dtype {images.dtype}")
@@ -47,6 +46,12 @@ def color_histograms(images: torch.Tensor, bins: int = 16, mean: Sequence[float]
     counts = torch.zeros(batch, channels * bins, dtype=torch.float32, device=images.device)
     counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
     return counts / float(images.shape[2] * images.shape[3])
+
+
+def denormalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised (B, 3, H, W) images back to float 0..255: x * std + mean, both in 0..255 units."""
+    mean_t, std_t = _denormaliser(_per_channel(mean, "mean"), _per_channel(std, "std"), images.device)
+    return images.float() * std_t + mean_t
 
 
 def _per_channel(values, name: str) -> tuple[float, float, float]:
