@@ -70,8 +70,9 @@ def plan(jobs: list[Path], overrides: list[str], runs_dir: Path) -> list[Run]:
         name = job.stem
         if any(r.name == name for r in runs):
             raise ConfigError(f"two jobs named '{name}' ({job}): give the job files distinct names")
-        row = Run(name=name, job=str(job), run_dir=runs_dir / name, final=enabled_stages(cfg)[-1])
-        if "warmup" in enabled_stages(cfg):
+        stages = enabled_stages(cfg)
+        row = Run(name=name, job=str(job), run_dir=runs_dir / name, final=stages[-1])
+        if "warmup" in stages:
             key = warmup_key(cfg)
             if key not in warmups:
                 warmups[key] = Run(name=f"warmup-{name}", job=str(job), run_dir=runs_dir / f"warmup-{name}",
