@@ -171,7 +171,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
 
     optimizer = torch.optim.SGD(trainable_parameters(model, mode), lr=scaled_lr(cfg["optim"], global_batch),
                                 momentum=cfg["optim"]["momentum"], weight_decay=cfg["optim"]["weight_decay"],
-                                nesterov=cfg["optim"]["nesterov"])
+                                nesterov=cfg["optim"]["nesterov"], fused=True)  # one kernel, not one per tensor group
     scheduler = make_scheduler(optimizer, steps_per_epoch, stage_cfg["milestones"], cfg["optim"]["lr_decay"],
                                cfg["optim"]["warmup_epochs"])
     engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
