@@ -100,7 +100,8 @@ class StepFlags:
         flags = torch.stack([torch.full((), float(stop), device=self.device),
                              (~torch.isfinite(terms["loss"].detach())).float()])
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
-        previous, self.pending = self.pending, (work, flags, {k: v.detach() for k, v in terms.items()}, step)
+        # Copies: compiled (CUDA graph) outputs are overwritten by the next step's replay.
+        previous, self.pending = self.pending, (work, flags, {k: v.detach().clone() for k, v in terms.items()}, step)
         return self.resolve(previous)
 
     def drain(self):
@@ -116,6 +117,20 @@ class StepFlags:
         work.wait()
         stop, bad = flags.tolist()
         return stop > 0, ((terms, step) if bad > 0 else None)
+
+
+def make_loss_terms(mode: str, loss_cfg: dict, mean, std):
+    """(images, logits, gates, labels) -> the step's loss terms: eq. 16 in joint mode, else L_cls."""
+    def loss_terms(images, logits, gates, labels):
+        logits = logits.float()
+        if mode != "joint":
+            cls = F.cross_entropy(logits, labels)
+            return {"loss": cls, "cls": cls}
+        hist = srm.color_histograms(images, bins=loss_cfg["bins"], mean=mean, std=std) \
+            if loss_cfg["alpha"] > 0 else None
+        return total_loss(logits, labels, gates.float(), hist, t=loss_cfg["t"], alpha=loss_cfg["alpha"],
+                          phi=loss_cfg["phi"], tie_eps=loss_cfg["tie_eps"])
+    return loss_terms
 
 
 def _raise_non_finite(stage: str, bad, ckpt_dir: Path):
@@ -213,7 +228,9 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
     metrics = state.get("metrics", {})  # a stage resumed after its last validation still exports them
     flags = StepFlags(accelerator.device)
     epochs = stage_cfg["epochs"]
-    loss_cfg = cfg["loss"]
+    loss_terms = make_loss_terms(mode, cfg["loss"], train_loader.mean, train_loader.std)
+    if compiled:  # the SRM histograms, rank and cost terms: a few fused kernels instead of ~40
+        loss_terms = torch.compile(loss_terms, mode=tcfg["compile"])
     while state["epoch"] < epochs:
         engine.train()
         net.set_mode(mode)
@@ -225,15 +242,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
             if compiled:  # a new step: CUDA graph outputs of the previous one may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             out = engine(images)
-            logits = out.logits.float()
-            if mode == "joint":
-                hist = srm.color_histograms(images, bins=loss_cfg["bins"], mean=train_loader.mean,
-                                            std=train_loader.std) if loss_cfg["alpha"] > 0 else None
-                terms = total_loss(logits, labels, out.gates.float(), hist, t=loss_cfg["t"],
-                                   alpha=loss_cfg["alpha"], phi=loss_cfg["phi"], tie_eps=loss_cfg["tie_eps"])
-            else:
-                cls = F.cross_entropy(logits, labels)
-                terms = {"loss": cls, "cls": cls}
+            terms = loss_terms(images, out.logits, out.gates, labels)
             stop, bad = flags.push(stopper.flag, terms, state["step"] + 1)
             if bad:
                 _raise_non_finite(stage, bad, ckpt_dir)
