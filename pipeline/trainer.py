@@ -119,6 +119,25 @@ class StepFlags:
         return stop > 0, ((terms, step) if bad > 0 else None)
 
 
+def make_optimizer(params, optim_cfg: dict, global_batch: int):
+    """SGD with the job's settings, fused: one kernel per step, not one per group of tensors."""
+    return torch.optim.SGD(params, lr=scaled_lr(optim_cfg, global_batch), momentum=optim_cfg["momentum"],
+                           weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"], fused=True)
+
+
+def prepare_engine(accelerator, model, optimizer, scheduler, compile_mode: str):
+    """The DeepSpeed engine (with its optimizer and scheduler wrappers), set up for speed."""
+    engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.num_processes == 1 and accelerator.state.deepspeed_plugin.zero_stage == 0:
+        # An all-reduce over one rank is the identity, yet DeepSpeed's ZeRO-0 path flattens all
+        # gradients, reduces the copy and copies them back one by one: 605 small kernels and their
+        # Python per step for ResNet-110. (ZeRO-1/2 keep it: their reduce fills the partitions.)
+        engine.enable_backward_allreduce = False
+    if compile_mode != "none":  # training shapes are static (soft gates blend); evaluation stays eager
+        engine.compile(compile_kwargs={"mode": compile_mode})
+    return engine, optimizer, scheduler
+
+
 def make_loss_terms(mode: str, loss_cfg: dict, mean, std):
     """(images, logits, gates, labels) -> the step's loss terms: eq. 16 in joint mode, else L_cls."""
     def loss_terms(images, logits, gates, labels):
@@ -184,22 +203,13 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
     steps_per_epoch = len(train_loader)
     global_batch = data_cfg["batch_size"] * world
 
-    optimizer = torch.optim.SGD(trainable_parameters(model, mode), lr=scaled_lr(cfg["optim"], global_batch),
-                                momentum=cfg["optim"]["momentum"], weight_decay=cfg["optim"]["weight_decay"],
-                                nesterov=cfg["optim"]["nesterov"], fused=True)  # one kernel, not one per tensor group
+    optimizer = make_optimizer(trainable_parameters(model, mode), cfg["optim"], global_batch)
     scheduler = make_scheduler(optimizer, steps_per_epoch, stage_cfg["milestones"], cfg["optim"]["lr_decay"],
                                cfg["optim"]["warmup_epochs"])
-    engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    engine, optimizer, scheduler = prepare_engine(accelerator, model, optimizer, scheduler, tcfg["compile"])
     net = accelerator.unwrap_model(engine)
-    zero_stage = accelerator.state.deepspeed_plugin.zero_stage
-    if world == 1 and zero_stage == 0:
-        # An all-reduce over one rank is the identity, yet DeepSpeed's ZeRO-0 path flattens all
-        # gradients, reduces the copy and copies them back one by one: 605 small kernels and their
-        # Python per step for ResNet-110. (ZeRO-1/2 keep it: their reduce fills the partitions.)
-        engine.enable_backward_allreduce = False
     compiled = tcfg["compile"] != "none"
-    if compiled:  # training shapes are static (soft gates blend); evaluation stays eager
-        engine.compile(compile_kwargs={"mode": tcfg["compile"]})
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage
 
     state = {"stage": stage, "step": 0, "epoch": 0, "batch_in_epoch": 0}
     latest = ckpt.latest_checkpoint(ckpt_dir)
