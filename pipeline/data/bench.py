@@ -75,7 +75,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                         help="bf16 autocast and bf16 batches (default on cuda) or fp32 (default on cpu, "
                              "where bf16 is emulated and slow)")
-    parser.add_argument("--root", help="where the generated data is written (kept); default: a temp folder")
+    parser.add_argument("--root", help="where the generated data is written (kept); default: a temp folder. "
+                        "A real dataset already there is used as it is")
     return parser.parse_args(argv)
 
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["loader_fed_fraction"] = result["train_loader_img_s"] / result["train_synthetic_img_s"]
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    print(f"{args.dataset} (generated, {loader.num_samples} images), batch {args.batch_size}, {name}, "
+    print(f"{args.dataset} ({loader.num_samples} images in {data_cfg['root']}), batch {args.batch_size}, {name}, "
           f"DALI {'gpu' if cuda else 'cpu'} with {args.num_threads} threads, {'bf16' if bf16 else 'fp32'}")
     print(f"loader only:              {result['loader_img_s']:10.1f} img/s")
     print(f"training, loader-fed:     {result['train_loader_img_s']:10.1f} img/s")
