@@ -25,11 +25,13 @@ ENGINE_SCRIPT = textwrap.dedent("""
     cfg = load_config(None, ["train.deepspeed_config=jobs/deepspeed/zero0.json", "data.batch_size=8",
                              "optim.weight_decay=0.01", "optim.lr=0.5"])
     accelerator = make_accelerator(cfg, sys.argv[1])
+    device = accelerator.device  # the CPU in CI; a GPU runs it too, with deterministic convolutions
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = True, False
     torch.manual_seed(0)
     model = rdinet.create_model("resnet20").set_mode("full")
     for p in model.router_parameters():
         p.requires_grad_(False)
-    reference = copy.deepcopy(model)
+    reference = copy.deepcopy(model).to(device)
     params = lambda m: [p for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(params(model), cfg["optim"], 8)
     ref_optimizer = torch.optim.SGD(params(reference), lr=optimizer.param_groups[0]["lr"], momentum=0.9,
@@ -39,7 +41,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
     assert engine.enable_backward_allreduce is False, "one ZeRO-0 process should skip the all-reduce"
     start = copy.deepcopy(reference.state_dict())
     for step in range(3):
-        images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        images, labels = torch.randn(8, 3, 32, 32, device=device), torch.randint(0, 10, (8,), device=device)
         accelerator.backward(F.cross_entropy(engine(images).logits, labels))
         optimizer.step(); scheduler.step(); optimizer.zero_grad()
         F.cross_entropy(reference(images).logits, labels).backward()
