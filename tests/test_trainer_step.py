@@ -23,6 +23,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
     from pipeline.trainer import make_optimizer, prepare_engine
 
     cfg = load_config(None, ["train.deepspeed_config=jobs/deepspeed/zero0.json", "data.batch_size=8",
+                             "train.precision=fp32",  # the reference runs in fp32; a GPU would pick bf16
                              "optim.weight_decay=0.01", "optim.lr=0.5"])
     accelerator = make_accelerator(cfg, sys.argv[1])
     device = accelerator.device  # the CPU in CI; a GPU runs it too, with deterministic convolutions
