@@ -172,7 +172,7 @@ def bench_training(arch, batch, device, timer, tiny, tmp) -> dict:
 
 
 @torch.no_grad()
-def bench_inference(arch, batch, device, timer, tiny) -> dict:
+def bench_inference(arch, batch, device, timer, tiny, buckets=(1, 32)) -> dict:
     size, classes = ARCHS[arch]
     if tiny:
         size = 64 if size == 224 else size
@@ -186,9 +186,10 @@ def bench_inference(arch, batch, device, timer, tiny) -> dict:
     static = batch / timer(run)
     rows = {"static": {"img_s": static, "ratio": 1.0, "speedup": 1.0}}
     model.set_mode("uniform")
+    variants = [("skip" if b == 1 else f"skip{b}", "skip", b) for b in buckets] + [("masked", "masked", 1)]
     for rate in RATES:
         model.uniform_rate = rate
-        for name, executor, bucket in (("skip", "skip", 1), ("skip32", "skip", 32), ("masked", "masked", 1)):
+        for name, executor, bucket in variants:
             model.executor, model.skip_bucket = executor, bucket
             torch.manual_seed(0)
             gates = run().gates
@@ -220,8 +221,13 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", nargs="*", default=[], choices=list(ARCHS),
                         help="also time torch.compile'd training for these archs")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
+    parser.add_argument("--skip-buckets", type=int, nargs="+", default=[1, 32],
+                        help="real skipping rounds each block's sample count up to a multiple of these "
+                             "(model.skip_bucket; 1: exact counts); one row per value")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if min(args.skip_buckets) < 1:
+        parser.error(f"--skip-buckets {args.skip_buckets}: each bucket must be an integer >= 1")
     device = torch.device(args.device)
     batch = 8 if args.tiny else args.batch
     timer = Timer(device, warmup=1 if args.tiny else 10, iters=1 if args.tiny else 10, repeats=2 if args.tiny else 5)
@@ -236,7 +242,7 @@ def main(argv=None) -> int:
             if arch in args.compile:
                 results["train"].setdefault(arch, {}).update(bench_compiled_training(arch, batch, device, timer, args.tiny,
                                                                                         args.compile_mode))
-            results["inference"][arch] = {f"batch{b}": bench_inference(arch, b, device, timer, args.tiny)
+            results["inference"][arch] = {f"batch{b}": bench_inference(arch, b, device, timer, args.tiny, args.skip_buckets)
                                           for b in (batch, 1)}
             size = ARCHS[arch][0] if not args.tiny else 32
             results["srm"][arch] = bench_srm(batch, size, device, timer)
