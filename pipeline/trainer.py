@@ -209,14 +209,13 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
     engine, optimizer, scheduler = prepare_engine(accelerator, model, optimizer, scheduler, tcfg["compile"])
     net = accelerator.unwrap_model(engine)
     compiled = tcfg["compile"] != "none"
-    zero_stage = accelerator.state.deepspeed_plugin.zero_stage
 
     state = {"stage": stage, "step": 0, "epoch": 0, "batch_in_epoch": 0}
     latest = ckpt.latest_checkpoint(ckpt_dir)
     if latest is not None:
         state = ckpt.load_checkpoint(accelerator, latest, train_loader)
         log(f"{stage}: resumed from {latest} (epoch {state['epoch']}, step {state['step']})")
-    log(f"{stage}: {world} process(es), DeepSpeed ZeRO-{zero_stage}, "
+    log(f"{stage}: {world} process(es), DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, "
         f"{'bf16 autocast' if bf16 else 'fp32'}, mode {mode}, {steps_per_epoch} steps/epoch, "
         f"{'compile ' + tcfg['compile'] + ', ' if compiled else ''}"
         f"global batch {global_batch}")
