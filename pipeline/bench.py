@@ -29,6 +29,7 @@ from rdinet.losses import total_loss
 
 ARCHS = {"resnet50": (224, 1000), "resnet110": (32, 10)}
 RATES = (1.0, 0.65, 0.5, 0.3)
+SKIP_BUCKETS = (1, 32)  # real-skipping rows: exact sample counts, and rounded up to multiples of 32
 
 
 class Timer:
@@ -172,7 +173,7 @@ def bench_training(arch, batch, device, timer, tiny, tmp) -> dict:
 
 
 @torch.no_grad()
-def bench_inference(arch, batch, device, timer, tiny, buckets=(1, 32)) -> dict:
+def bench_inference(arch, batch, device, timer, tiny, buckets=SKIP_BUCKETS) -> dict:
     size, classes = ARCHS[arch]
     if tiny:
         size = 64 if size == 224 else size
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", nargs="*", default=[], choices=list(ARCHS),
                         help="also time torch.compile'd training for these archs")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
-    parser.add_argument("--skip-buckets", type=int, nargs="+", default=[1, 32],
+    parser.add_argument("--skip-buckets", type=int, nargs="+", default=list(SKIP_BUCKETS),
                         help="real skipping rounds each block's sample count up to a multiple of these "
                              "(model.skip_bucket; 1: exact counts); one row per value")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
