@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_check.sh [tests|train|trainer|databench|bench|all]...
 set -uo pipefail
 out=${OUT:-benchmarks/out}
+scratch=${TMPDIR:-/tmp}  # run directories and generated data
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
 what=${*:-all}
@@ -14,11 +15,11 @@ if has tests; then
   timeout 240 python3 -m pytest -q -x tests/test_data_gpu.py tests/test_gpu_sync.py tests/test_rdinet_model.py tests/test_rdinet_srm.py 2>&1 | tail -15 | tee "$out/tests.txt"
 fi
 if has train; then
-  rm -rf /tmp/gpu-run
+  rm -rf "$scratch/gpu-run"
   timeout 300 accelerate launch --config_file jobs/accelerate/single_gpu.yaml pipeline/train.py \
-    --run-dir /tmp/gpu-run/run --set data.root=/tmp/gpu-run/data --set train.progress=false \
+    --run-dir "$scratch/gpu-run/run" --set data.root="$scratch/gpu-run/data" --set train.progress=false \
     --set train.deterministic=false 2>&1 | grep -v -i warn | tail -25 | tee "$out/train.txt"
-  timeout 120 python3 -m pipeline.evaluate --run-dir /tmp/gpu-run/run 2>&1 | tail -3 | tee -a "$out/train.txt"
+  timeout 120 python3 -m pipeline.evaluate --run-dir "$scratch/gpu-run/run" 2>&1 | tail -3 | tee -a "$out/train.txt"
 fi
 if has databench; then
   timeout 200 python3 -m pipeline.data.bench --dataset cifar10 --device cuda 2>&1 | tail -6 | tee "$out/databench_cifar.txt"
@@ -31,9 +32,9 @@ if has trainer; then
   # pipeline/train.py's own img/s: RDI-Net-110 (the CIFAR job: ZeRO-0, bf16), 45,000 generated
   # images, compiled with CUDA graphs and eager; the first epoch of each stage includes compiling.
   for mode in reduce-overhead none; do
-    rm -rf "/tmp/gpu-trainer/run-$mode"
-    timeout 420 python3 pipeline/train.py --job jobs/cifar10_r110.yaml --run-dir "/tmp/gpu-trainer/run-$mode" \
-      --set data.root=/tmp/gpu-trainer/data --set data.generate=true --set data.generated_size=4500 \
+    rm -rf "$scratch/gpu-trainer/run-$mode"
+    timeout 420 python3 pipeline/train.py --job jobs/cifar10_r110.yaml --run-dir "$scratch/gpu-trainer/run-$mode" \
+      --set data.root="$scratch/gpu-trainer/data" --set data.generate=true --set data.generated_size=4500 \
       --set data.generated_val_size=100 --set stages.warmup.epochs=1 --set stages.joint.epochs=2 \
       --set stages.joint.milestones=[] --set train.eval_every=5 --set train.progress=false \
       --set train.compile=$mode 2>&1 | grep -E "trained|rror" | sed "s/^/$mode: /" | tee -a "$out/trainer.txt"
