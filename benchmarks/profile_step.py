@@ -17,6 +17,7 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd step (mode default)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size, classes = ARCHS[args.arch]
@@ -27,6 +28,8 @@ def main():
         if mode == "full":
             for p in model.router_parameters():
                 p.requires_grad_(False)
+        if args.compile:
+            model.compile()
         step = train_step_fn(model, data, device.type == "cuda", (125.3, 123.0, 113.9), (63.0, 62.1, 66.7),
                              joint=mode == "joint")
         for _ in range(5):

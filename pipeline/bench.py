@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 
 import rdinet
-from rdinet import model_cost, srm
+from rdinet import inference, kernels, model_cost, srm
 from rdinet.losses import total_loss
 
 ARCHS = {"resnet50": (224, 1000), "resnet110": (32, 10)}
 RATES = (1.0, 0.65, 0.5, 0.3)
 SKIP_BUCKETS = (1, 32)  # real-skipping rows: exact sample counts, and rounded up to multiples of 32
+FROZEN_BUCKETS = (1, 8)  # the frozen net's rows (rdinet.inference; the bucket pads its 3x3 convolutions)
 
 
 class Timer:
@@ -173,43 +174,81 @@ def bench_training(arch, batch, device, timer, tiny, tmp) -> dict:
 
 
 @torch.no_grad()
-def bench_inference(arch, batch, device, timer, tiny, buckets=SKIP_BUCKETS) -> dict:
+def bench_inference(arch, batch, device, timer, tiny, buckets=SKIP_BUCKETS, frozen_buckets=FROZEN_BUCKETS,
+                    compile_static: bool = False) -> dict:
+    """Rows: the static network eager (bf16 autocast) and frozen (rdinet.inference: BatchNorm folded,
+    bf16 weights), and torch.compile'd (inductor, BatchNorm folded by freezing) if asked; then per
+    execution rate, random decisions run by the model's executors (skip, bucketed skip, masked)
+    and by the frozen net at each bucket. Speedups are against the eager and the frozen static."""
     size, classes = ARCHS[arch]
     if tiny:
         size = 64 if size == 224 else size
     bf16 = device.type == "cuda"
     images, _ = synthetic(batch, size, classes, device)()
     model = make_model(arch, classes, "full", device).eval()
+    frozen = inference.freeze(model)
 
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return model(images)
+
+    def run_frozen():
+        return frozen(images)
     static = batch / timer(run)
-    rows = {"static": {"img_s": static, "ratio": 1.0, "speedup": 1.0}}
+    static_frozen = batch / timer(run_frozen)
+    rows = {"static": {"img_s": static, "ratio": 1.0},
+            "static_frozen": {"img_s": static_frozen, "ratio": 1.0}}
+    if compile_static:
+        import torch._inductor.config as inductor_config
+        compiled = torch.compile(model)
+        with inductor_config.patch(freezing=True):
+            tick = time.perf_counter()
+
+            def run_compiled():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    return compiled(images)
+            run_compiled()
+            rows["static_compiled"] = {"img_s": batch / timer(run_compiled), "ratio": 1.0,
+                                       "compile_s": time.perf_counter() - tick}
+        del compiled
     model.set_mode("uniform")
     variants = [("skip" if b == 1 else f"skip{b}", "skip", b) for b in buckets] + [("masked", "masked", 1)]
+    variants += [(f"frozen{b}", "frozen", b) for b in frozen_buckets]
     for rate in RATES:
         model.uniform_rate = rate
         for name, executor, bucket in variants:
-            model.executor, model.skip_bucket = executor, bucket
+            if executor == "frozen":
+                frozen.bucket, fn = bucket, run_frozen
+            else:
+                model.executor, model.skip_bucket, fn = executor, bucket, run
             torch.manual_seed(0)
-            gates = run().gates
+            gates = fn().gates
             cost = model_cost(model, gates.float(), input_size=(3, size, size))
             # Random decisions are resampled every call; their rate is what is being measured.
-            img_s = batch / timer(run)
-            rows[f"{name}@{rate}"] = {"img_s": img_s, "ratio": float(cost["ratio"]),
-                                          "exec_rate": float(gates.float().mean()), "speedup": img_s / static}
+            rows[f"{name}@{rate}"] = {"img_s": batch / timer(fn), "ratio": float(cost["ratio"]),
+                                      "exec_rate": float(gates.float().mean())}
+    for row in rows.values():
+        row["speedup"] = row["img_s"] / static
+        row["speedup_vs_frozen_static"] = row["img_s"] / static_frozen
     return rows
 
 
 def bench_srm(batch, size, device, timer) -> dict:
-    images = torch.randn(batch, 3, size, size, device=device)
+    """SRM time per batch (histograms, distances, argsort, rank loss and its backward), and the
+    histograms alone: the Triton kernel (on a GPU) against the torch ops."""
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     paths = torch.rand(batch, 54, device=device, requires_grad=True)
 
     def run():
         hist = srm.color_histograms(images, bins=16, mean=MEAN, std=STD)
         srm.rank_loss(paths, hist).backward()
-    return {"ms_per_batch": 1000 * timer(run)}
+    result = {"ms_per_batch": 1000 * timer(run)}
+    for name, use_triton in (("triton", True), ("torch", False)):
+        if use_triton and not kernels.triton_runs_on(images):
+            continue
+        result[f"histograms_{name}_ms"] = 1000 * timer(
+            lambda: srm.color_histograms(images, bins=16, mean=MEAN, std=STD, use_triton=use_triton))
+    return result
 
 
 def main(argv=None) -> int:
@@ -219,16 +258,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--tiny", action="store_true", help="small sizes and few iterations (CPU smoke run)")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--compile", nargs="*", default=[], choices=list(ARCHS),
                         help="also time torch.compile'd training for these archs")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
     parser.add_argument("--skip-buckets", type=int, nargs="+", default=list(SKIP_BUCKETS),
                         help="real skipping rounds each block's sample count up to a multiple of these "
                              "(model.skip_bucket; 1: exact counts); one row per value")
+    parser.add_argument("--compile-static-inference", action="store_true",
+                        help="also time the static network torch.compile'd for inference (batch 256 only)")
+    parser.add_argument("--frozen-buckets", type=int, nargs="+", default=list(FROZEN_BUCKETS),
+                        help="the frozen net (rdinet.inference) pads its 3x3 convolutions' batch to multiples of these")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    if min(args.skip_buckets) < 1:
-        parser.error(f"--skip-buckets {args.skip_buckets}: each bucket must be an integer >= 1")
+    for option, values in (("--skip-buckets", args.skip_buckets), ("--frozen-buckets", args.frozen_buckets)):
+        if min(values) < 1:
+            parser.error(f"{option} {values}: each bucket must be an integer >= 1")
     device = torch.device(args.device)
     batch = 8 if args.tiny else args.batch
     timer = Timer(device, warmup=1 if args.tiny else 10, iters=1 if args.tiny else 10, repeats=2 if args.tiny else 5)
@@ -243,8 +288,11 @@ def main(argv=None) -> int:
             if arch in args.compile:
                 results["train"].setdefault(arch, {}).update(bench_compiled_training(arch, batch, device, timer, args.tiny,
                                                                                         args.compile_mode))
-            results["inference"][arch] = {f"batch{b}": bench_inference(arch, b, device, timer, args.tiny, args.skip_buckets)
-                                          for b in (batch, 1)}
+            if not args.skip_inference:
+                results["inference"][arch] = {
+                    f"batch{b}": bench_inference(arch, b, device, timer, args.tiny, args.skip_buckets, args.frozen_buckets,
+                                                 args.compile_static_inference and b == batch)
+                    for b in (batch, 1)}
             size = ARCHS[arch][0] if not args.tiny else 32
             results["srm"][arch] = bench_srm(batch, size, device, timer)
     print_table(results)
@@ -267,11 +315,13 @@ def print_table(results: dict) -> None:
               + (f"{r['rdinet_dali']:.0f} ({r['ratio_dali_vs_synthetic']:.2f}x of synthetic)" if r["rdinet_dali"] else "n/a"))
     for arch, by_batch in results["inference"].items():
         for b, rows in by_batch.items():
-            cells = " | ".join(f"{k} {v['img_s']:.0f} img/s ({v['speedup']:.2f}x, cost {v['ratio']:.2f})"
-                               for k, v in rows.items())
-            print(f"infer {arch} {b}: {cells}")
+            print(f"infer {arch} {b}: img/s (speedup vs eager static, vs frozen static; cost ratio)")
+            for name, v in rows.items():
+                print(f"  {name:16} {v['img_s']:9.0f}  {v['speedup']:5.2f}x {v['speedup_vs_frozen_static']:5.2f}x  "
+                      f"cost {v['ratio']:.2f}")
     for arch, r in results["srm"].items():
-        print(f"srm {arch}: {r['ms_per_batch']:.2f} ms per batch")
+        print(f"srm {arch}: {r['ms_per_batch']:.2f} ms per batch; histograms alone "
+              + ", ".join(f"{k.split('_')[1]} {v:.3f} ms" for k, v in r.items() if k.startswith("histograms_")))
 
 
 if __name__ == "__main__":

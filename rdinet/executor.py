@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 
 def run_masked(block, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x_{n+1} = v F(x_n) + (1 - v) shortcut(x_n) for gates v of shape (B,)."""
+    """x_{n+1} = v F(x_n) + (1 - v) shortcut(x_n) for gates v of shape (B,).
+
+    On a GPU the blend and its backward are Triton kernels (kernels.blend); under torch.compile
+    and elsewhere, torch ops (which torch.compile fuses itself)."""
     shortcut = block.shortcut(x)
-    out = block.relu(block.residual(x) + shortcut)
+    residual = block.residual(x)
+    if (kernels.triton_runs_on(residual) and not torch.compiler.is_compiling()
+            and kernels.blend_fits(residual, shortcut, gate)):
+        return kernels.blend(residual, shortcut, gate)
+    out = block.relu(residual + shortcut)
     dtype = torch.promote_types(shortcut.dtype, out.dtype)
     v = gate.to(dtype).view(-1, 1, 1, 1)
     # lerp is exact at v = 0 and v = 1, and one pass over memory instead of four.

@@ -50,7 +50,7 @@ class RelationalRouter(nn.Module):
         return min(self.r, available) + 1
 
     def forward(self, x: torch.Tensor, previous: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        s_tilde = F.relu(self.align(x.mean(dim=(2, 3))))
+        s_tilde = F.relu(self.align(channel_mean(x)))
         rows = self.num_rows(len(previous))
         if rows == 1:
             aggregated = s_tilde
@@ -75,3 +75,26 @@ class RelationalRouter(nn.Module):
         cosine = torch.bmm(unit[:, :-1], unit[:, -1:].transpose(1, 2)).squeeze(-1)  # (B, rows-1)
         current = torch.ones(stacked.shape[0], 1, dtype=cosine.dtype, device=cosine.device)
         return torch.cat([cosine, current], dim=1).unsqueeze(1)
+
+
+def channel_mean(x: torch.Tensor) -> torch.Tensor:
+    """GAP, (B, C, H, W) -> (B, C), whose gradient stays an expanded view of (B, C, 1, 1).
+
+    Autograd's own backward of mean writes that gradient out in full, in NCHW order; added to the
+    channels_last gradient of x from the block, it then runs PyTorch's slow mixed-layout kernel.
+    (torch.compile does its own fusion: plain mean there.)"""
+    if torch.compiler.is_compiling():
+        return x.mean(dim=(2, 3))
+    return _ChannelMean.apply(x)
+
+
+class _ChannelMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, grad):
+        batch, channels, height, width = ctx.shape
+        return (grad / (height * width)).view(batch, channels, 1, 1).expand(batch, channels, height, width)

@@ -8,17 +8,20 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 
 @torch.no_grad()
 def color_histograms(images: torch.Tensor, bins: int = 16, mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None) -> torch.Tensor:
+                     std: Sequence[float] | None = None, use_triton: bool | None = None) -> torch.Tensor:
     """Per-channel histograms H(X) of a batch: (B, 3, H, W) -> (B, 3 * bins) float32.
 
     uint8 images are taken as 0..255. Float images are normalised ones, de-normalised with
     `mean` and `std` given in 0..255 units (x * std + mean); pass mean=(0, 0, 0), std=(1, 1, 1)
     for float images already in 0..255. Bins are equal-width over [0, 256); each channel's
     histogram sums to 1; values outside [0, 256) after de-normalising (round-off) count in the
-    end bins. Runs on the images' device.
+    end bins. Runs on the images' device: on a GPU as one Triton kernel (rdinet.kernels), under
+    torch.compile and elsewhere as torch ops (use_triton=True/False chooses).
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -26,9 +29,13 @@ def color_histograms(images: torch.Tensor, bins: int = 16, mean: Sequence[float]
     if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 256:
         raise ValueError(f"bins={bins!r} must be an integer in [1, 256]")
     batch, channels = images.shape[:2]
+    if use_triton is None:
+        use_triton = kernels.triton_runs_on(images) and not torch.compiler.is_compiling()
     if images.dtype == torch.uint8:
         if mean is not None or std is not None:
             raise ValueError("mean/std apply to normalised float images; uint8 images are already 0..255")
+        if use_triton:
+            return kernels.channel_histograms(images, bins)
         index = images.long() * bins // 256
     elif images.is_floating_point():
         if mean is None or std is None:
@@ -36,6 +43,9 @@ def color_histograms(images: torch.Tensor, bins: int = 16, mean: Sequence[float]
                 "float images need mean and std (0..255 units) to be de-normalised; pass "
                 "mean=(0, 0, 0), std=(1, 1, 1) for float images already in 0..255"
             )
+        if use_triton:
+            mean_t, std_t = _denormaliser(_per_channel(mean, "mean"), _per_channel(std, "std"), images.device)
+            return kernels.channel_histograms(images, bins, mean_t.view(-1), std_t.view(-1))
         values = denormalise(images, mean, std)
         index = torch.floor(values * (bins / 256.0)).long().clamp_(0, bins - 1)
     else:
