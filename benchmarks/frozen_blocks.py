@@ -65,7 +65,8 @@ def main():
         t_conv = 1000 * timer(lambda: conv(y1).relu_())
         t_fused = 1000 * timer(lambda: torch.cudnn_convolution_relu(y1, conv.weight, conv.bias, conv.stride,
                                                                     conv.padding, (1, 1), 1))
-        print(f"{name:10} {t_eager:8.3f} {t_all:11.3f} {t_skip:12.3f} {t_old:11.3f} {err:8.1e} {t_conv:9.3f} {t_fused:11.3f}")
+        print(f"{name:10} {t_eager:8.3f} {t_all:11.3f} {t_skip:12.3f} {t_old:11.3f} {err:8.1e} "
+              f"{t_conv:9.3f} {t_fused:11.3f}")
     whole_net(model, frozen, args, timer)
 
 

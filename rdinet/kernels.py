@@ -53,7 +53,8 @@ def triton_runs_on(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda
 
 
-def _use_triton(t: torch.Tensor, use_triton: bool | None) -> bool:
+def use_triton_for(t: torch.Tensor, use_triton: bool | None) -> bool:
+    """use_triton resolved for tensors like `t`: None means `triton_runs_on(t)`; True is checked."""
     if use_triton is None:
         return triton_runs_on(t)
     if use_triton and not (triton is not None and (t.is_cuda or INTERPRETING)):
@@ -94,7 +95,7 @@ def _rows_linear(a, a_index, weight_t, bias, out, out_index, samples, rows_per_s
                          f"bias {tuple(bias.shape)}, out {tuple(out.shape)}")
     if m == 0:
         return
-    if not _use_triton(a, use_triton):
+    if not use_triton_for(a, use_triton):
         _rows_linear_torch(a, a_index, weight_t, bias, out, out_index, m, rows_per_sample, residual, relu)
         return
     for t in (a, weight_t, bias, out):
@@ -112,7 +113,8 @@ def _rows_linear(a, a_index, weight_t, bias, out, out_index, samples, rows_per_s
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
         _tuned_kernel()[grid](*args, _m_class(m), **flags)
         return
-    tiles = _tiles(m, n, k, residual) if a.is_cuda else dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)  # the interpreter: small
+    # the interpreter: small tiles
+    tiles = _tiles(m, n, k, residual) if a.is_cuda else dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
     grid = (triton.cdiv(n, tiles["BLOCK_N"]), triton.cdiv(m, tiles["BLOCK_M"]))
     _kernel()[grid](*args, 0, **flags, **tiles, EVEN_K=k % tiles["BLOCK_K"] == 0)
 
@@ -161,8 +163,8 @@ def blend(residual: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) ->
 def blend_fits(residual: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> bool:
     """Whether `blend` takes these tensors (else use the torch formula)."""
     return (residual.shape == shortcut.shape and residual.stride() == shortcut.stride()
-            and residual.dtype == shortcut.dtype and residual.dtype in _BLEND_DTYPES and gate.shape == residual.shape[:1]
-            and _dense_batch_outermost(residual))
+            and residual.dtype == shortcut.dtype and residual.dtype in _BLEND_DTYPES
+            and gate.shape == residual.shape[:1] and _dense_batch_outermost(residual))
 
 
 def _dense_batch_outermost(t: torch.Tensor) -> bool:
@@ -294,9 +296,9 @@ if triton is not None:
         if "tuned" not in _CACHE:
             even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
             # Tuning runs the kernel several times; in place (RESIDUAL) it must see the same input each time.
-            tune = triton.autotune(_CONFIGS, key=["N", "K", "P", "m_class", "GATHER", "SCATTER", "RESIDUAL", "PRECISION"],
-                                   prune_configs_by={"early_config_prune": _prune}, restore_value=["out_ptr"],
-                                   warmup=5, rep=25)
+            key = ["N", "K", "P", "m_class", "GATHER", "SCATTER", "RESIDUAL", "PRECISION"]
+            tune = triton.autotune(_CONFIGS, key=key, prune_configs_by={"early_config_prune": _prune},
+                                   restore_value=["out_ptr"], warmup=5, rep=25)
             _CACHE["tuned"] = tune(even_k(triton.jit(_rows_linear_kernel)))
         return _CACHE["tuned"]
 
