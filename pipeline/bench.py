@@ -30,7 +30,7 @@ from rdinet.losses import total_loss
 ARCHS = {"resnet50": (224, 1000), "resnet110": (32, 10)}
 RATES = (1.0, 0.65, 0.5, 0.3)
 SKIP_BUCKETS = (1, 32)  # real-skipping rows: exact sample counts, and rounded up to multiples of 32
-FROZEN_BUCKETS = (1, 8)  # the frozen net's rows (rdinet.inference; the bucket pads its 3x3 convolutions)
+FROZEN_BUCKETS = (1, 32)  # the frozen net's rows (rdinet.inference; 32 is freeze's default)
 
 
 class Timer:
