@@ -113,10 +113,9 @@ def _rows_linear(a, a_index, weight_t, bias, out, out_index, samples, rows_per_s
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
         _tuned_kernel()[grid](*args, _m_class(m), **flags)
         return
-    # the interpreter: small tiles
-    tiles = _tiles(m, n, k, residual) if a.is_cuda else dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+    tiles = _tiles(m, n, k, residual) if a.is_cuda else dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)  # interpreter
     grid = (triton.cdiv(n, tiles["BLOCK_N"]), triton.cdiv(m, tiles["BLOCK_M"]))
-    _kernel()[grid](*args, 0, **flags, **tiles, EVEN_K=k % tiles["BLOCK_K"] == 0)
+    _kernel_named("rows", _rows_linear_kernel)[grid](*args, 0, **flags, **tiles, EVEN_K=k % tiles["BLOCK_K"] == 0)
 
 
 def _rows_linear_torch(a, a_index, weight_t, bias, out, out_index, m, rows_per_sample, residual, relu):
@@ -148,9 +147,9 @@ def channel_histograms(images: torch.Tensor, bins: int, mean: torch.Tensor | Non
         mean = std = counts  # unread
     block = 1024 if images.is_cuda else 256
     grid = (batch * channels, triton.cdiv(height * width, block))
-    _histogram_kernel()[grid](images, counts, mean, std, height * width, width, *images.stride(),
-                              CHANNELS=channels, BINS=bins, BINS_P2=triton.next_power_of_2(bins), UINT8=uint8,
-                              BLOCK=block)
+    kernel = _kernel_named("histogram", _channel_histograms_kernel)
+    kernel[grid](images, counts, mean, std, height * width, width, *images.stride(), CHANNELS=channels, BINS=bins,
+                 BINS_P2=triton.next_power_of_2(bins), UINT8=uint8, BLOCK=block)
     return counts.view(batch, channels * bins).float() / float(height * width)
 
 
@@ -289,9 +288,6 @@ if triton is not None:
             _CACHE[name] = triton.jit(fn)
         return _CACHE[name]
 
-    def _kernel():
-        return _kernel_named("plain", _rows_linear_kernel)
-
     def _tuned_kernel():
         if "tuned" not in _CACHE:
             even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -322,9 +318,6 @@ if triton is not None:
         bin_ids = tl.arange(0, BINS_P2)
         counts = tl.sum((index[:, None] == bin_ids[None, :]).to(tl.int32), axis=0)
         tl.atomic_add(counts_ptr + image_channel * BINS + bin_ids, counts, mask=bin_ids < BINS)
-
-    def _histogram_kernel():
-        return _kernel_named("histogram", _channel_histograms_kernel)
 
     def _blend_kernel(res_ptr, sc_ptr, gate_ptr, out_ptr, S, BLOCK: tl.constexpr):
         sample = tl.program_id(0)

@@ -43,7 +43,7 @@ def color_histograms(images: torch.Tensor, bins: int = 16, mean: Sequence[float]
                 "mean=(0, 0, 0), std=(1, 1, 1) for float images already in 0..255"
             )
         if use_triton:
-            mean_t, std_t = _denormaliser(_per_channel(mean, "mean"), _per_channel(std, "std"), images.device)
+            mean_t, std_t = _mean_std(mean, std, images.device)
             return kernels.channel_histograms(images, bins, mean_t.view(-1), std_t.view(-1))
         values = denormalise(images, mean, std)
         index = torch.floor(values * (bins / 256.0)).long().clamp_(0, bins - 1)
@@ -59,8 +59,13 @@ def color_histograms(images: torch.Tensor, bins: int = 16, mean: Sequence[float]
 
 def denormalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Normalised (B, 3, H, W) images back to float 0..255: x * std + mean, both in 0..255 units."""
-    mean_t, std_t = _denormaliser(_per_channel(mean, "mean"), _per_channel(std, "std"), images.device)
+    mean_t, std_t = _mean_std(mean, std, images.device)
     return images.float() * std_t + mean_t
+
+
+def _mean_std(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked per-channel mean and std as cached (1, 3, 1, 1) tensors on `device`."""
+    return _denormaliser(_per_channel(mean, "mean"), _per_channel(std, "std"), device)
 
 
 def _per_channel(values, name: str) -> tuple[float, float, float]:
