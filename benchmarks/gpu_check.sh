@@ -22,8 +22,11 @@ if has train; then
   timeout 120 python3 -m pipeline.evaluate --run-dir "$scratch/gpu-run/run" 2>&1 | tail -3 | tee -a "$out/train.txt"
 fi
 if has databench; then
-  timeout 200 python3 -m pipeline.data.bench --dataset cifar10 --device cuda 2>&1 | tail -6 | tee "$out/databench_cifar.txt"
-  timeout 300 python3 -m pipeline.data.bench --dataset imagenet --device cuda --num-threads 12 2>&1 | tail -6 | tee "$out/databench_imagenet.txt"
+  for compile in none reduce-overhead; do  # eager, and CUDA graphs as the CIFAR jobs train
+    timeout 300 python3 -m pipeline.data.bench --dataset cifar10 --device cuda --image-count 50000 \
+      --root "$scratch/databench-cifar" --compile $compile 2>&1 | tail -6 | tee -a "$out/databench_cifar.txt"
+  done
+  timeout 300 python3 -m pipeline.data.bench --dataset imagenet --device cuda 2>&1 | tail -6 | tee "$out/databench_imagenet.txt"
 fi
 if has bench; then
   timeout 400 python3 -m pipeline.bench --device cuda --out "$out/bench.json" 2>&1 | grep -v -i warn | tail -20 | tee "$out/bench.txt"

@@ -93,7 +93,8 @@ def test_labels_match_generated_colours(generated_root):
         loader = build_loader(cfg(generated_root), split)
         for images, labels in loader:
             pixels = denormalise(images, loader).reshape(len(images), -1, 3)
-            median = np.median(pixels, axis=1)
+            # the crop's zero padding (up to 23 % of a training image) is no class's colour
+            median = np.stack([np.median(p[(p != 0).any(-1)], axis=0) for p in pixels])
             nearest = np.argmin(((median[:, None] - palette[None]) ** 2).sum(-1), axis=1)
             real = labels >= 0
             assert (nearest[real] == labels[real].numpy()).all()

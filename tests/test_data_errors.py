@@ -61,7 +61,7 @@ def rewrite(path, transform):
 
 def test_defaults_hold_every_documented_key():
     for key in ("dataset", "root", "generate", "generated_size", "file_list", "batch_size", "eval_batch_size",
-                "num_threads", "prefetch", "device", "dtype", "image_size", "holdout", "hw_decoder_load"):
+                "num_threads", "prefetch", "device", "dtype", "image_size", "holdout", "hw_decoder_load", "batches_per_run"):
         assert key in DATA_DEFAULTS
     assert DATA_DEFAULTS["root"] is None and DATA_DEFAULTS["holdout"] == 0
 
@@ -73,6 +73,8 @@ def test_defaults_hold_every_documented_key():
     ({"dtype": "float16"}, "data.dtype must be float32 or bfloat16"),
     ({"colour": 1}, "unknown data config key"),
     ({"holdout": -1}, "data.holdout"),
+    ({"batches_per_run": -1}, "data.batches_per_run must be an integer >= 0"),
+    ({"dataset": "imagenet", "batches_per_run": 2}, "applies to CIFAR only"),
     ({"device": "gpu"}, "no device_id"),
     ({"generated_classes": 11}, "generated_classes must be 0"),
 ])

@@ -8,16 +8,20 @@ import torch
 from pipeline.data import DataError, build_loader
 from pipeline.data.generate import ensure_generated
 
+CIFAR = {"dataset": "cifar10", "generated_size": 8, "generated_val_size": 3}  # 80 train: 10 batches of 8 (5 per rank)
 DATASETS = {
-    "cifar10": {"generated_size": 8, "generated_val_size": 3},  # 80 train: 10 batches of 8 (5 per rank)
-    "imagenet": {"generated_classes": 4, "generated_size": 6, "generated_val_size": 3,
+    # batches per DALI iteration: automatic (the whole epoch in one), one, three (the last has one)
+    "cifar10": CIFAR,
+    "cifar10-run1": {**CIFAR, "batches_per_run": 1},
+    "cifar10-run3": {**CIFAR, "batches_per_run": 3},
+    "imagenet": {"dataset": "imagenet", "generated_classes": 4, "generated_size": 6, "generated_val_size": 3,
                  "generated_image_px": 48, "image_size": 24},  # 24 train: 3 batches (1 per rank of 2)
 }
 
 
 @pytest.fixture(scope="module", params=sorted(DATASETS))
 def data_cfg(request, tmp_path_factory):
-    cfg = {"dataset": request.param, "root": str(tmp_path_factory.mktemp(request.param)), "generate": True,
+    cfg = {"root": str(tmp_path_factory.mktemp(request.param)), "generate": True,
            "batch_size": 8, "eval_batch_size": 8, "num_threads": 2, "prefetch": 3, **DATASETS[request.param]}
     ensure_generated(cfg)
     return cfg
@@ -44,8 +48,11 @@ def consume(loader, count):
 def test_resume_matches_uninterrupted_run(data_cfg, split):
     reference = epochs(build_loader(data_cfg, split, seed=5), 3)
     batches = len(reference[0])
-    # from inside epoch 0, its last batch (the state then describes epoch 1's start) and epoch 1
-    for epoch, done in [(0, 0), (0, 1), (0, batches - 1), (0, batches), (1, 1)]:
+    # from inside epoch 0 (at and between DALI iterations of 3 batches), its last batch (the state
+    # then describes epoch 1's start) and epoch 1
+    for epoch, done in [(0, 0), (0, 1), (0, 3), (0, 4), (0, batches - 1), (0, batches), (1, 1)]:
+        if done > batches:
+            continue
         interrupted = build_loader(data_cfg, split, seed=5)
         epochs(interrupted, epoch)
         rest_of_interrupted = consume(interrupted, done)
@@ -81,4 +88,13 @@ def test_state_from_another_layout_is_refused(data_cfg):
     state = build_loader(data_cfg, "train").state_dict()
     other = build_loader({**data_cfg, "batch_size": 4}, "train")
     with pytest.raises(DataError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+def test_state_from_another_grouping_is_refused(data_cfg):
+    if data_cfg["dataset"] == "imagenet":
+        pytest.skip("batches_per_run is CIFAR's")
+    state = build_loader(data_cfg, "train").state_dict()
+    other = build_loader({**data_cfg, "batches_per_run": 2}, "train")
+    with pytest.raises(DataError, match="batches_per_run"):
         other.load_state_dict(state)

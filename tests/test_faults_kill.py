@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from test_faults_harness import (STEPS, freeze, kill_group, leftovers, manifest, read_from, relative_files, run,
-                                 signal_tree, start, tail, train_command, wait_gone, whole_state_problems)
+from test_faults_harness import (STEPS, freeze, kill_group, leftovers, manifest, process_tree, read_from,
+                                 relative_files, run, signal_tree, start, tail, train_command, wait_gone,
+                                 whole_state_problems)
 from test_faults_harness import small_disk  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -220,6 +221,56 @@ def test_a_stage_killed_before_its_export_keeps_its_validation_metrics(kill_chai
     assert killed
     for chain in killed:
         assert manifest(chain.run_dir, "warmup")["metrics"] == reference.manifests["warmup"]["metrics"]
+
+
+# ------------------------------------------------------------------ one rank dies
+
+RANK_FAILURE_LIMIT_S = 60  # the survivors must be gone well within this of the other rank's death
+
+
+def worker_of_rank(proc, rank):
+    """The pid of the training process with this global rank in the run started as proc."""
+    for pid in process_tree(proc.pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"pipeline/train.py" in cmdline and pid != proc.pid:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {proc.pid}")
+
+
+def test_one_rank_killed_the_run_fails_fast_and_the_rerun_resumes(reference, data_dir, tmp_path):
+    """SIGKILL rank 1 alone after the joint stage's first checkpoint: the launcher and rank 0
+    exit non-zero within RANK_FAILURE_LIMIT_S (no hang in a collective), and a rerun resumes from
+    the checkpoint and finishes with the uninterrupted run's weights."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    proc = start(train_command(run_dir, data_dir), log)
+    first = run_dir / "joint" / "checkpoints" / "step-00000001"
+    deadline = time.time() + 300
+    while not first.exists():
+        assert proc.poll() is None and time.time() < deadline, tail(read_from(log))
+        time.sleep(0.01)
+    freeze(proc)  # the whole run stands still while rank 1 is picked and killed
+    assert not (run_dir / "joint" / "final").exists()
+    os.kill(worker_of_rank(proc, 1), signal.SIGKILL)
+    killed_at = time.time()
+    signal_tree(proc, signal.SIGCONT)
+    try:
+        code = proc.wait(timeout=RANK_FAILURE_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise AssertionError(f"the run outlived its rank 1 by {RANK_FAILURE_LIMIT_S} s\n{tail(read_from(log))}")
+    print(f"run exited {code} {time.time() - killed_at:.1f} s after rank 1 was killed")
+    assert code != 0
+    wait_gone(run_dir)
+    assert whole_state_problems(run_dir, reference.checkpoint_files) == []
+
+    code, out = run(train_command(run_dir, data_dir), log, check=0)
+    assert "joint: resumed from" in out
+    for stage in STEPS:
+        assert manifest(run_dir, stage)["weights_sha256"] == reference.manifests[stage]["weights_sha256"]
 
 
 # ------------------------------------------------------------------ disk full while saving

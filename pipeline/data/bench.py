@@ -8,7 +8,9 @@
 Data: a generated dataset in the real layout (ImageNet-like JPEGs of about --image-px pixels,
 or CIFAR pickles), written to --root (a temporary folder by default). Training: bf16 autocast
 (fp32 on the CPU by default), channels_last, SGD, cross-entropy. Each figure is images per second
-over --steps steps after --warmup untimed ones. The last line is `RESULT {json}` for scripts.
+over --steps steps after --warmup untimed ones; the two training figures are timed --rounds times,
+interleaved, and the medians are reported (the fed fraction is the median of the rounds' ratios).
+The last line is `RESULT {json}` for scripts.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 
@@ -64,6 +67,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved fed/synthetic timings; the figures are their medians "
+                             "(default 5 on cuda, 1 on cpu)")
     parser.add_argument("--image-count", type=int, default=5120, help="generated training images")
     parser.add_argument("--image-px", type=int, default=448, help="generated JPEG side (ImageNet-like)")
     parser.add_argument("--image-size", type=int, default=224, help="ImageNet crop side")
@@ -71,7 +77,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="DALI CPU threads (default: 2 for cifar10, which needs few and measured best "
                              "with 2 on an H100; up to 12 for imagenet's decoding)")
     parser.add_argument("--prefetch", type=int, default=3)
-    parser.add_argument("--hw-decoder-load", type=float, default=0.65)
+    parser.add_argument("--hw-decoder-load", type=float, default=1.0)
+    parser.add_argument("--batches-per-run", type=int, default=0,
+                        help="CIFAR: batches per DALI iteration (data.batches_per_run; 0: automatic)")
+    parser.add_argument("--compile", choices=("none", "default", "reduce-overhead"), default="none",
+                        help="torch.compile the network (reduce-overhead: CUDA graphs, as the CIFAR jobs "
+                             "train); the loss, backward and SGD step stay eager")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                         help="bf16 autocast and bf16 batches (default on cuda) or fp32 (default on cpu, "
                              "where bf16 is emulated and slow)")
@@ -82,6 +93,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
+    if args.rounds is None:
+        args.rounds = 5 if args.device == "cuda" else 1
     if args.num_threads is None:
         args.num_threads = 2 if args.dataset == "cifar10" else min(12, os.cpu_count() or 1)
     device = torch.device(args.device)
@@ -93,17 +106,22 @@ def main(argv: list[str] | None = None) -> dict:
                 "generated_size": math.ceil(args.image_count / classes), "generated_image_px": args.image_px,
                 "batch_size": args.batch_size, "num_threads": args.num_threads, "prefetch": args.prefetch,
                 "dtype": "bfloat16" if bf16 else "float32", "device": "gpu" if cuda else "cpu",
-                "image_size": args.image_size, "hw_decoder_load": args.hw_decoder_load}
+                "image_size": args.image_size, "hw_decoder_load": args.hw_decoder_load,
+                "batches_per_run": args.batches_per_run}
     ensure_generated(data_cfg)
     loader = build_loader(data_cfg, "train", device_id=(device.index or 0) if cuda else None)
 
     model = _model(args.dataset).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
+    forward = model if args.compile == "none" else torch.compile(model, mode=args.compile)
+
     def train(batches):
         for images, labels in batches:
+            if args.compile == "reduce-overhead":  # a new step: the graph's previous outputs may go
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(images)
+                out = forward(images)
                 logits = out.logits if hasattr(out, "logits") else out  # rdinet returns RDIOutput
                 loss = torch.nn.functional.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -119,19 +137,27 @@ def main(argv: list[str] | None = None) -> dict:
                  .contiguous(memory_format=torch.channels_last),
                  torch.randint(0, classes, (args.batch_size,), device=device))
     timing = dict(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, device=device)
-    result = {
-        "loader_img_s": _timed(consume, **timing),
-        "train_loader_img_s": _timed(lambda n: train(_batches(loader, n)), **timing),
-        "train_synthetic_img_s": _timed(lambda n: train(itertools.repeat(synthetic, n)), **timing),
-    }
-    result["loader_fed_fraction"] = result["train_loader_img_s"] / result["train_synthetic_img_s"]
+    runs = {"fed": lambda n: train(_batches(loader, n)),
+            "synthetic": lambda n: train(itertools.repeat(synthetic, n))}
+    result = {"loader_img_s": _timed(consume, **timing), "rounds": []}
+    for index in range(args.rounds):
+        # Alternating the order cancels a drift of the machine's speed (clocks, other tenants).
+        order = ("fed", "synthetic") if index % 2 == 0 else ("synthetic", "fed")
+        speeds = {name: _timed(runs[name], **timing) for name in order}
+        result["rounds"].append({"fed": speeds["fed"], "synthetic": speeds["synthetic"],
+                                 "fraction": speeds["fed"] / speeds["synthetic"]})
+    for key, name in (("train_loader_img_s", "fed"), ("train_synthetic_img_s", "synthetic"),
+                      ("loader_fed_fraction", "fraction")):
+        result[key] = statistics.median(r[name] for r in result["rounds"])
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"{args.dataset} ({loader.num_samples} images in {data_cfg['root']}), batch {args.batch_size}, {name}, "
-          f"DALI {'gpu' if cuda else 'cpu'} with {args.num_threads} threads, {'bf16' if bf16 else 'fp32'}")
+          f"DALI {'gpu' if cuda else 'cpu'} with {args.num_threads} threads, {'bf16' if bf16 else 'fp32'}, "
+          f"compile {args.compile}")
     print(f"loader only:              {result['loader_img_s']:10.1f} img/s")
-    print(f"training, loader-fed:     {result['train_loader_img_s']:10.1f} img/s")
-    print(f"training, synthetic data: {result['train_synthetic_img_s']:10.1f} img/s")
-    print(f"loader-fed / synthetic:   {result['loader_fed_fraction']:10.2f}")
+    print(f"training, loader-fed:     {result['train_loader_img_s']:10.1f} img/s (median)")
+    print(f"training, synthetic data: {result['train_synthetic_img_s']:10.1f} img/s (median)")
+    print(f"loader-fed / synthetic:   {result['loader_fed_fraction']:10.3f}   (median of {args.rounds} "
+          "interleaved rounds: " + ", ".join(f"{r['fraction']:.3f}" for r in result["rounds"]) + ")")
     print("RESULT " + json.dumps(result))
     return result
 

@@ -23,13 +23,15 @@ def _normalise(images, mean, std, mirror, crop=None):
 
 @pipeline_def(enable_checkpointing=True)
 def cifar_pipeline(source, train: bool, gpu: bool, mean, std):
-    """`source(batch_info)` returns (uint8 (B, 32, 32, 3), int64 (B,)) and ends the epoch with
-    StopIteration. DALI checkpoints such a source by its (epoch, iteration), which the source turns
-    into the same samples again: this is what makes a restored CIFAR pipeline exact."""
+    """`source(batch_info)` returns (uint8 (B, 32, 32, 3), int64 (B,)), on the GPU with `gpu`, and
+    ends the epoch with StopIteration. DALI checkpoints such a source by its (epoch, iteration),
+    which the source turns into the same samples again: this is what makes a restored CIFAR
+    pipeline exact."""
+    # On the GPU, DALI copies the source's batch on the stream it was gathered on (source.stream):
+    # ordered after that gather, and not after the training step queued on the current stream.
     images, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                        layout=["HWC", ""])
-    if gpu:
-        images, labels = images.gpu(), labels.gpu()
+                                        layout=["HWC", ""], device="gpu" if gpu else "cpu",
+                                        cuda_stream=source.stream if gpu else None)
     mirror = None
     if train:
         # torchvision's RandomCrop(32, padding=4): a window shifted by -4..4 pixels per axis,
