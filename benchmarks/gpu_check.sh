@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass over every GPU code path, with the figures the issues ask for. Run from the repo root
 # on a CUDA machine with DALI and DeepSpeed importable; results go to ${OUT:-benchmarks/out}.
-#   bash benchmarks/gpu_check.sh [tests|train|trainer|databench|bench|all]...
+#   bash benchmarks/gpu_check.sh [tests|train|trainer|databench|bench|equivalence|all]...
 set -uo pipefail
 out=${OUT:-benchmarks/out}
 scratch=${TMPDIR:-/tmp}  # run directories and generated data
@@ -42,4 +42,15 @@ if has trainer; then
       --set stages.joint.milestones=[] --set train.eval_every=5 --set train.progress=false \
       --set train.compile=$mode 2>&1 | grep -E "trained|rror" | sed "s/^/$mode: /" | tee -a "$out/trainer.txt"
   done
+fi
+gpus=$(nvidia-smi -L | wc -l)
+if has equivalence && [ "$gpus" -gt 1 ]; then
+  # the short real-CIFAR RDI-Net-32 job on 1 and on every GPU at global batch 256
+  if [ -z "${CIFAR_ROOT:-}" ]; then
+    echo "equivalence: set CIFAR_ROOT to the folder holding cifar-10-batches-py/" | tee "$out/equivalence.txt"
+  else
+    timeout 3000 python3 benchmarks/equivalence.py --job jobs/cifar10_r32_short.yaml --processes 1 "$gpus" \
+      --accelerate-config jobs/accelerate/multi_gpu.yaml --work "$scratch/equivalence" \
+      --set data.root="$CIFAR_ROOT" --out "$out/equivalence.json" 2>&1 | grep -v "^RESULT" | tee "$out/equivalence.txt"
+  fi
 fi
