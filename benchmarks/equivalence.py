@@ -24,9 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import STAGES, load_config  # noqa: E402
 
-STAGES = ("warmup", "joint")
 SEGMENTS = 10  # the loss curve is compared as the means of this many equal parts of each stage
 
 

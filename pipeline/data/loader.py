@@ -112,7 +112,6 @@ class Loader:
         self._make_pipeline, self._reader, self._group = make_pipeline, reader, group
         self._pending = []  # batches of the current DALI iteration not handed out yet
         self._group_checkpoint = None  # DALI's state before the current iteration (state_dict mid-way)
-        self._skip = 0  # after a restore mid-iteration: its batches handed out before the checkpoint
         self._check_hint = CHECK_HINT.format(root=root)
         self._batches = batches
         self._real_in_shard = real_in_shard  # val: samples of this rank before the padding; train: None
@@ -160,8 +159,9 @@ class Loader:
         images = outputs["images"].permute(0, 3, 1, 2).to(self.dtype)
         labels = outputs["labels"].reshape(-1).long()
         batches = list(zip(images.split(self.batch_size), labels.split(self.batch_size)))
-        skip, self._skip = self._skip, 0
-        return batches[skip:]
+        # Iterations start at multiples of group in the epoch; a position between them is a restore
+        # mid-iteration, whose first batches were handed out before the checkpoint.
+        return batches[self._position % self._group:]
 
     def __iter__(self):
         self._run += 1  # an earlier generator of this loader stops where it is
@@ -219,7 +219,7 @@ class Loader:
                             "size, batches_per_run, seed and number of processes, or start the stage afresh")
         self._iterator = self._build_iterator(state["dali"])
         self.epoch, self._position = state["epoch"], state["position"]
-        self._pending, self._skip = [], state["position"] % self._group
+        self._pending = []
         self._run += 1
 
 
