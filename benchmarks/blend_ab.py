@@ -1,6 +1,7 @@
-"""Training step img/s with the fused blend and router GAP (rdinet.kernels.blend,
-rdinet.routers.channel_mean) against the same step without them (torch ops, as before), and the
-static network; eager, bf16 autocast, channels_last, synthetic data, one process.
+"""Training step img/s with the fused blend and router GAP (rdinet.kernels.blend, which also sums
+the next router's GAP, and rdinet.routers.channel_mean for the first router's) against the same
+step without them (torch ops, as before), and the static network; eager, bf16 autocast,
+channels_last, synthetic data, one process.
 
     python benchmarks/blend_ab.py [--archs resnet50 resnet110] [--batch 256]
 """

@@ -10,24 +10,26 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import kernels, routers
 
 
-def run_masked(block, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def run_masked(block, x: torch.Tensor, gate: torch.Tensor, with_mean: bool = False):
     """x_{n+1} = v F(x_n) + (1 - v) shortcut(x_n) for gates v of shape (B,).
 
-    On a GPU the blend and its backward are Triton kernels (kernels.blend); under torch.compile
-    and elsewhere, torch ops (which torch.compile fuses itself)."""
+    with_mean=True returns (x_{n+1}, GAP(x_{n+1})), the GAP the next block's router starts from.
+    On a GPU the blend, the GAP and their backward are Triton kernels (kernels.blend); under
+    torch.compile and elsewhere, torch ops (which torch.compile fuses itself)."""
     shortcut = block.shortcut(x)
     residual = block.residual(x)
     if (kernels.triton_runs_on(residual) and not torch.compiler.is_compiling()
             and kernels.blend_fits(residual, shortcut, gate)):
-        return kernels.blend(residual, shortcut, gate)
+        return kernels.blend(residual, shortcut, gate, with_mean)
     out = block.relu(residual + shortcut)
     dtype = torch.promote_types(shortcut.dtype, out.dtype)
     v = gate.to(dtype).view(-1, 1, 1, 1)
     # lerp is exact at v = 0 and v = 1, and one pass over memory instead of four.
-    return torch.lerp(shortcut.to(dtype), out.to(dtype), v)
+    out = torch.lerp(shortcut.to(dtype), out.to(dtype), v)
+    return (out, routers.channel_mean(out)) if with_mean else out
 
 
 def run_selected(block, x: torch.Tensor, gate: torch.Tensor, inplace: bool = False,

@@ -24,6 +24,8 @@ Blend: y = s + v (ReLU(r + s) - s) per sample (eqs. 1 and 9: r the residual bran
 shortcut, v the sample's relaxed gate) in one pass, and its backward in one more (dr, ds and the
 per-sample dv), over any layout whose outermost dimension is the batch. Unfused, autograd runs
 it as about ten passes, several of them PyTorch's slow broadcasting kernels (v is (B, 1, 1, 1)).
+The forward can also sum y over each channel's pixels (the next router's GAP) and the backward
+add that mean's gradient to y's, so the GAP costs neither a read of y nor a full-size add.
 
 Histograms: each program counts a block of pixels of one image channel into its bins in
 registers and adds them to the image's counts with one atomic add per bin (a scatter-add of
@@ -32,6 +34,7 @@ every pixel into 3 x bins counters per image waits on their atomics instead).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -153,10 +156,15 @@ def channel_histograms(images: torch.Tensor, bins: int, mean: torch.Tensor | Non
     return counts.view(batch, channels * bins).float() / float(height * width)
 
 
-def blend(residual: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def blend(residual: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor, with_mean: bool = False):
     """shortcut + gate * (ReLU(residual + shortcut) - shortcut), gate (B,) per sample; Triton kernels,
-    differentiable in all three. residual and shortcut: the same shape, dtype and dense layout."""
-    return _Blend.apply(residual, shortcut, gate)
+    differentiable in all three. residual and shortcut: the same shape, dtype and dense layout.
+
+    with_mean=True returns (out, mean): mean is out's average over H and W, (B, C) in out's dtype
+    (summed in float32), the GAP the next block's router reads, from the same pass (no second read
+    of out); its gradient is added to out's inside the backward's pass (no full-size add of an
+    expanded one)."""
+    return _Blend.apply(residual, shortcut, gate, with_mean)
 
 
 def blend_fits(residual: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor) -> bool:
@@ -170,35 +178,65 @@ def _dense_batch_outermost(t: torch.Tensor) -> bool:
     return t.dim() == 4 and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last))
 
 
-_BLEND_BLOCK = 2048
+_BLEND_TILE = 2048  # elements a program loads per loop step
+_BLEND_CHANNELS = 64  # channels per program in channels_last: >= 4 programs per sample at 256 channels
 _BLEND_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # it computes in float32
+
+
+@functools.lru_cache(maxsize=None)
+def _blend_walk(shape: tuple, channels_last: bool) -> tuple:
+    """(grid, scalar args, block sizes) of the blend kernels for a dense (B, C, H, W) tensor.
+
+    Each sample is a (pixels, channels) matrix; a program takes BLOCK_C of its channels and loops
+    over all its pixels in tiles of BLOCK_P, the tile's fast axis along memory (channels in
+    channels_last, pixels otherwise), so it can also sum those channels' pixels (the GAP). Cached:
+    the kernels are launched once per block per step, and this is Python on the launching thread."""
+    batch, channels, height, width = shape
+    pixels = height * width
+    if channels_last:
+        block_c = min(triton.next_power_of_2(channels), _BLEND_CHANNELS)
+        block_p = min(_BLEND_TILE // block_c, triton.next_power_of_2(pixels))
+        strides = (channels, 1)  # (pixel, channel)
+    else:
+        block_p = min(triton.next_power_of_2(pixels), 1024)
+        block_c = min(_BLEND_TILE // block_p, triton.next_power_of_2(channels))
+        strides = (1, pixels)
+    grid = (batch, triton.cdiv(channels, block_c))
+    return grid, (pixels, channels, *strides, 1.0 / pixels), dict(BLOCK_P=block_p, BLOCK_C=block_c)
+
+
+def _walk_of(t: torch.Tensor) -> tuple:
+    return _blend_walk(tuple(t.shape), t.is_contiguous(memory_format=torch.channels_last))
 
 
 class _Blend(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, residual, shortcut, gate):
+    def forward(ctx, residual, shortcut, gate, with_mean):
+        ctx.set_materialize_grads(False)
+        grid, scalars, blocks = _walk_of(residual)
         out = torch.empty_like(residual)
-        per_sample = residual[0].numel()
-        grid = (residual.shape[0], triton.cdiv(per_sample, _BLEND_BLOCK))
-        _kernel_named("blend", _blend_kernel)[grid](residual, shortcut, gate.contiguous(), out, per_sample,
-                                                     BLOCK=_BLEND_BLOCK)
+        mean = residual.new_empty(residual.shape[:2]) if with_mean else out  # unread without MEAN
+        _kernel_named("blend", _blend_kernel)[grid](residual, shortcut, gate.contiguous(), out, mean, *scalars,
+                                                     MEAN=with_mean, **blocks)
         ctx.save_for_backward(residual, shortcut, gate)
-        return out
+        return (out, mean) if with_mean else out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_mean=None):
         residual, shortcut, gate = ctx.saved_tensors
-        if grad.stride() != residual.stride():  # the kernel walks all three in the same order
+        if grad is None:
+            grad = torch.zeros_like(residual)
+        elif grad.stride() != residual.stride():  # the kernel walks all three in the same order
             grad = torch.empty_like(residual).copy_(grad)
+        grid, scalars, blocks = _walk_of(residual)
         grad_residual, grad_shortcut = torch.empty_like(residual), torch.empty_like(shortcut)
-        per_sample = residual[0].numel()
-        chunks = triton.cdiv(per_sample, _BLEND_BLOCK)
-        partial = torch.empty(residual.shape[0], chunks, dtype=torch.float32, device=residual.device)
-        _kernel_named("blend_backward", _blend_backward_kernel)[(residual.shape[0], chunks)](
-            grad, residual, shortcut, gate.contiguous(), grad_residual, grad_shortcut, partial, per_sample,
-            BLOCK=_BLEND_BLOCK)
-        # per-chunk sums added in a fixed order: the gate's gradient is deterministic
-        return grad_residual, grad_shortcut, partial.sum(dim=1).to(gate.dtype)
+        partial = torch.empty(grid, dtype=torch.float32, device=residual.device)  # per program: its dv terms
+        mean_grad = grad_mean.contiguous() if grad_mean is not None else partial  # unread without MEAN_GRAD
+        _kernel_named("blend_backward", _blend_backward_kernel)[grid](
+            grad, mean_grad, residual, shortcut, gate.contiguous(), grad_residual, grad_shortcut, partial,
+            *scalars, MEAN_GRAD=grad_mean is not None, **blocks)
+        # per-program sums added in a fixed order: the gate's gradient is deterministic
+        return grad_residual, grad_shortcut, partial.sum(dim=1).to(gate.dtype), None
 
 
 def _tiles(m: int, n: int, k: int, residual: bool) -> dict:
@@ -319,29 +357,51 @@ if triton is not None:
         counts = tl.sum((index[:, None] == bin_ids[None, :]).to(tl.int32), axis=0)
         tl.atomic_add(counts_ptr + image_channel * BINS + bin_ids, counts, mask=bin_ids < BINS)
 
-    def _blend_kernel(res_ptr, sc_ptr, gate_ptr, out_ptr, S, BLOCK: tl.constexpr):
+    def _blend_kernel(res_ptr, sc_ptr, gate_ptr, out_ptr, mean_ptr, P, C, stride_p, stride_c, inv_p,
+                      MEAN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         sample = tl.program_id(0)
-        offsets = sample.to(tl.int64) * S + tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK) < S
+        channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        base = sample.to(tl.int64) * P * C
         v = tl.load(gate_ptr + sample).to(tl.float32)
-        r = tl.load(res_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        s = tl.load(sc_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        y = s + v * (tl.maximum(r + s, 0.0) - s)
-        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=ok)
+        sums = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for first in range(0, P, BLOCK_P):
+            pixels = first + tl.arange(0, BLOCK_P)
+            ok = (pixels < P)[:, None] & (channels < C)[None, :]
+            offsets = base + pixels[:, None].to(tl.int64) * stride_p + channels[None, :] * stride_c
+            r = tl.load(res_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            s = tl.load(sc_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            y = s + v * (tl.maximum(r + s, 0.0) - s)  # 0 where masked
+            tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=ok)
+            if MEAN:
+                sums += y
+        if MEAN:
+            mean = tl.sum(sums, axis=0) * inv_p
+            tl.store(mean_ptr + sample * C + channels, mean.to(mean_ptr.dtype.element_ty), mask=channels < C)
 
-    def _blend_backward_kernel(grad_ptr, res_ptr, sc_ptr, gate_ptr, grad_res_ptr, grad_sc_ptr, partial_ptr, S,
-                               BLOCK: tl.constexpr):
-        sample, chunk = tl.program_id(0), tl.program_id(1)
-        within = chunk * BLOCK + tl.arange(0, BLOCK)
-        ok = within < S
-        offsets = sample.to(tl.int64) * S + within
+    def _blend_backward_kernel(grad_ptr, mean_grad_ptr, res_ptr, sc_ptr, gate_ptr, grad_res_ptr, grad_sc_ptr,
+                               partial_ptr, P, C, stride_p, stride_c, inv_p, MEAN_GRAD: tl.constexpr,
+                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        sample, channel_block = tl.program_id(0), tl.program_id(1)
+        channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
+        base = sample.to(tl.int64) * P * C
         v = tl.load(gate_ptr + sample).to(tl.float32)
-        g = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        r = tl.load(res_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        s = tl.load(sc_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        total = r + s
-        active = total > 0
-        g_out = tl.where(active, g * v, 0.0)  # through ReLU(r + s), weighted by v
-        tl.store(grad_res_ptr + offsets, g_out.to(grad_res_ptr.dtype.element_ty), mask=ok)
-        tl.store(grad_sc_ptr + offsets, (g * (1.0 - v) + g_out).to(grad_sc_ptr.dtype.element_ty), mask=ok)
-        tl.store(partial_ptr + sample * tl.num_programs(1) + chunk, tl.sum(g * (tl.maximum(total, 0.0) - s), axis=0))
+        if MEAN_GRAD:  # d mean / d out = 1 / (H * W) for every pixel of the channel
+            from_mean = tl.load(mean_grad_ptr + sample * C + channels, mask=channels < C, other=0.0).to(tl.float32)
+            from_mean = from_mean * inv_p
+        gate_terms = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for first in range(0, P, BLOCK_P):
+            pixels = first + tl.arange(0, BLOCK_P)
+            ok = (pixels < P)[:, None] & (channels < C)[None, :]
+            offsets = base + pixels[:, None].to(tl.int64) * stride_p + channels[None, :] * stride_c
+            g = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            if MEAN_GRAD:
+                g = tl.where(ok, g + from_mean[None, :], 0.0)
+            r = tl.load(res_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            s = tl.load(sc_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            total = r + s
+            g_out = tl.where(total > 0, g * v, 0.0)  # through ReLU(r + s), weighted by v
+            tl.store(grad_res_ptr + offsets, g_out.to(grad_res_ptr.dtype.element_ty), mask=ok)
+            tl.store(grad_sc_ptr + offsets, (g * (1.0 - v) + g_out).to(grad_sc_ptr.dtype.element_ty), mask=ok)
+            gate_terms += g * (tl.maximum(total, 0.0) - s)
+        program = sample * tl.num_programs(1) + channel_block
+        tl.store(partial_ptr + program, tl.sum(tl.sum(gate_terms, axis=1), axis=0))

@@ -102,13 +102,14 @@ class RDINet(nn.Module):
         skip = not self.training and self._executor == "skip"  # eval decisions are hard
         router_features: list[torch.Tensor] = []
         gates = []
+        pooled = None  # GAP(x) when the previous block's blend computed it for this block's router
         for n, block in enumerate(self.blocks):
             if self._mode == "full":
                 gate = torch.ones(batch, device=x.device)
                 x = block(x)
             else:
                 if self._mode == "joint":
-                    s_n, logits = self.routers[n](x, router_features)
+                    s_n, logits = self.routers[n](x, router_features, pooled)
                     router_features = (router_features + [s_n])[-self.r:] if self.r else []
                     gate = self._decide(logits)
                 else:
@@ -116,6 +117,8 @@ class RDINet(nn.Module):
                 if skip:
                     # Without autograd nothing else reads x_n (its router has run): overwrite it.
                     x = run_selected(block, x, gate, inplace=not torch.is_grad_enabled(), bucket=self.skip_bucket)
+                elif self._mode == "joint" and n + 1 < self.num_blocks:
+                    x, pooled = run_masked(block, x, gate, with_mean=True)
                 else:
                     x = run_masked(block, x, gate)
             gates.append(gate)

@@ -32,8 +32,8 @@ def relation_weights(rows: int, gamma: float) -> torch.Tensor:
 
 
 class RelationalRouter(nn.Module):
-    """Router of one block. forward(x_n, previous) -> (s_n, logits); `previous` holds the router
-    features s_{n-k} of earlier routers (oldest first); only the last r are used."""
+    """Router of one block. forward(x_n, previous[, pooled]) -> (s_n, logits); `previous` holds the
+    router features s_{n-k} of earlier routers (oldest first); only the last r are used."""
 
     def __init__(self, in_channels: int, d: int = 256, r: int = 2, gamma: float | str = 0.5):
         super().__init__()
@@ -49,8 +49,10 @@ class RelationalRouter(nn.Module):
             return 1
         return min(self.r, available) + 1
 
-    def forward(self, x: torch.Tensor, previous: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        s_tilde = F.relu(self.align(channel_mean(x)))
+    def forward(self, x: torch.Tensor, previous: list[torch.Tensor],
+                pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """pooled: GAP(x) (B, C) when already computed (the previous block's blend sums it)."""
+        s_tilde = F.relu(self.align(channel_mean(x) if pooled is None else pooled))
         rows = self.num_rows(len(previous))
         if rows == 1:
             aggregated = s_tilde

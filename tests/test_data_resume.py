@@ -98,3 +98,12 @@ def test_state_from_another_grouping_is_refused(data_cfg):
     other = build_loader({**data_cfg, "batches_per_run": 2}, "train")
     with pytest.raises(DataError, match="batches_per_run"):
         other.load_state_dict(state)
+
+
+def test_state_from_another_pipeline_is_refused_clearly(data_cfg):
+    """DALI's part of the state comes from another pipeline (here: the train split's, restored into
+    the val loader); the error says so, instead of pointing at the dataset's files."""
+    val = build_loader(data_cfg, "val")
+    state = {**val.state_dict(), "dali": build_loader(data_cfg, "train").state_dict()["dali"]}
+    with pytest.raises(DataError, match="does not fit this data pipeline"):
+        val.load_state_dict(state)

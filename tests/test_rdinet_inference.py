@@ -177,27 +177,57 @@ def blend_reference(residual, shortcut, gate):
     return torch.lerp(shortcut, out, gate.view(-1, 1, 1, 1).to(out.dtype))
 
 
+def blend_inputs(shape, memory_format, seed):
+    """(residual, shortcut, gate) in float64 for the reference, and the same in float32 for the kernel."""
+    torch.manual_seed(seed)
+    make = lambda: torch.randn(*shape, device=DEVICE, dtype=torch.float64).contiguous(  # noqa: E731
+        memory_format=memory_format).requires_grad_()
+    reference = (make(), make(), torch.rand(shape[0], device=DEVICE, dtype=torch.float64, requires_grad=True))
+    inputs = tuple(t.detach().float().requires_grad_() for t in reference)  # .float() keeps the memory format
+    return reference, inputs
+
+
+def assert_grads_close(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
 @needs_triton
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 64, 2, 2)])  # a sample over several programs, and in one
 def test_blend_kernel_and_its_backward_equal_autograd(memory_format, shape):
-    torch.manual_seed(6)
-    make = lambda: torch.randn(*shape, device=DEVICE, dtype=torch.float64).contiguous(  # noqa: E731
-        memory_format=memory_format).requires_grad_()
-    residual, shortcut = make(), make()
-    gate = torch.rand(shape[0], device=DEVICE, dtype=torch.float64, requires_grad=True)
+    reference, inputs = blend_inputs(shape, memory_format, seed=6)
     grad = torch.randn(*shape, device=DEVICE, dtype=torch.float64)
-    expected = blend_reference(residual, shortcut, gate)
-    expected_grads = torch.autograd.grad(expected, (residual, shortcut, gate), grad)
-    inputs = [t.detach().float().contiguous(memory_format=memory_format).requires_grad_() for t in (residual, shortcut)]
-    gate32 = gate.detach().float().requires_grad_()
-    assert kernels.blend_fits(*inputs, gate32)
-    out = kernels.blend(*inputs, gate32)
+    expected = blend_reference(*reference)
+    expected_grads = torch.autograd.grad(expected, reference, grad)
+    assert kernels.blend_fits(*inputs)
+    out = kernels.blend(*inputs)
     assert out.stride() == inputs[0].stride()
-    grads = torch.autograd.grad(out, (*inputs, gate32), grad.float().contiguous())  # another layout than the inputs
+    grads = torch.autograd.grad(out, inputs, grad.float().contiguous())  # another layout than the inputs
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert_grads_close(grads, expected_grads)
+
+
+@needs_triton
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 300, 3, 3), (2, 8, 40, 40)])  # odd sizes; channel blocks; many pixels
+def test_blend_with_mean_and_its_backward_equal_autograd(memory_format, shape):
+    """The blend's GAP output (the next router's input) and the gradients through both outputs."""
+    reference, inputs = blend_inputs(shape, memory_format, seed=9)
+    grad = torch.randn(*shape, device=DEVICE, dtype=torch.float64)
+    grad_mean = torch.randn(shape[:2], device=DEVICE, dtype=torch.float64)
+    expected = blend_reference(*reference)
+    expected_mean = expected.sum(dim=(2, 3)) / (shape[2] * shape[3])
+    out, mean = kernels.blend(*inputs, with_mean=True)
+    assert mean.shape == shape[:2] and mean.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-5, atol=1e-5)
+    both = dict(retain_graph=True)
+    assert_grads_close(torch.autograd.grad((out, mean), inputs, (grad.float(), grad_mean.float()), **both),
+                       torch.autograd.grad((expected, expected_mean), reference, (grad, grad_mean), **both))
+    # only the mean used: no gradient reaches out, the mean's alone flows
+    assert_grads_close(torch.autograd.grad(mean, inputs, grad_mean.float()),
+                       torch.autograd.grad(expected_mean, reference, grad_mean))
 
 
 def test_router_mean_gradient_equals_autograds():
@@ -215,8 +245,9 @@ def test_router_mean_gradient_equals_autograds():
 @pytest.mark.parametrize("mode", ["joint", "uniform"])
 def test_training_step_with_the_kernels_equals_the_torch_ops(mode, monkeypatch):
     """The joint/USW forward and backward with the Triton blend (run_masked takes it on a GPU; on
-    the CPU it is made to, in the interpreter) and the expanded GAP gradient, against the same
-    model run with torch ops only; full float32 (TF32 would amplify the blend's rounding)."""
+    the CPU it is made to, in the interpreter), the routers' GAP it sums and the expanded GAP
+    gradient of the first router, against the same model run with torch ops only; full float32
+    (TF32 would amplify the blend's rounding)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # matmuls are full float32 by default
     if not CUDA:
         monkeypatch.setattr(kernels, "triton_runs_on", lambda t: True)

@@ -131,11 +131,17 @@ class Loader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         pipe = self._make_pipeline(checkpoint)
+        if self.device.type == "cuda":
+            _outputs_on_current_stream(pipe, self.device)
         policy = LastBatchPolicy.FILL if self._real_in_shard is not None else LastBatchPolicy.DROP
         try:
             iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name=self._reader,
                                            auto_reset=True, last_batch_policy=policy)
         except RuntimeError as err:
+            if checkpoint is not None and "checkpoint" in str(err).lower():
+                raise DataError(f"the loader state being restored does not fit this data pipeline ({_dali_cause(err)}): "
+                                "it was saved by other loader code or settings; resume with the code that saved "
+                                "it, or start the stage afresh") from err
             raise DataError(f"DALI could not produce the first batch: {_dali_cause(err)}; "
                             f"{self._check_hint}") from err
         if self._reader and len(iterator) != self._batches:
@@ -221,6 +227,18 @@ class Loader:
         self.epoch, self._position = state["epoch"], state["position"]
         self._pending = []
         self._run += 1
+
+
+def _outputs_on_current_stream(pipe, device: torch.device) -> None:
+    """Make DALI's iterator take `pipe`'s outputs ordered on torch's current stream.
+
+    DALIGenericIterator calls pipe.share_outputs() without a stream, which makes the host wait
+    until each iteration's outputs are ready on the GPU: a wait per iteration on the thread that
+    launches the training step. Bound to the current stream (DALI's default executor), the wait
+    is queued on the GPU instead, and the zero-copy torch tensors the iterator makes from them
+    are ordered after DALI's work as before."""
+    share = pipe.share_outputs
+    pipe.share_outputs = lambda cuda_stream=None: share(cuda_stream or torch.cuda.current_stream(device))
 
 
 def _dali_cause(err: Exception) -> str:

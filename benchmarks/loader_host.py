@@ -1,0 +1,96 @@
+"""Where the CIFAR loader's cost lands when it feeds CUDA-graphed ResNet-32 training (the CIFAR
+jobs' setting): loader variants and synthetic data alternated in one process (one compile), each
+timed 4 times over 250 steps; per variant the loader alone (img/s), the fed img/s, the median fed
+against the median synthetic, and the host's time inside next(loader) per batch, which is time
+the thread that launches the steps spends waiting on DALI.
+
+    python benchmarks/loader_host.py [--root DIR]
+"""
+import argparse
+import itertools
+import os
+import statistics
+import time
+
+import torch
+
+import rdinet
+from pipeline.data import build_loader
+from pipeline.data.generate import ensure_generated
+
+VARIANTS = {  # data.* settings; DALI_AFFINITY_MASK pins DALI's threads to those CPUs
+    "threads 2 (default)": {"num_threads": 2},
+    "threads 6": {"num_threads": 6},
+    "threads 2, prefetch 6": {"num_threads": 2, "prefetch": 6},
+    "threads 2, DALI on CPUs 8-11": {"num_threads": 2, "DALI_AFFINITY_MASK": "8,9,10,11"},
+    "8 batches per run, threads 4": {"num_threads": 4, "batches_per_run": 8},
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", default="/tmp/rdinet-loader-host", help="where the generated CIFAR split is written")
+    args = parser.parse_args()
+    device = torch.device("cuda", 0)
+    feeds, alone = {}, {}
+    for name, settings in VARIANTS.items():
+        settings = dict(settings)
+        mask = settings.pop("DALI_AFFINITY_MASK", None)
+        if mask:
+            os.environ["DALI_AFFINITY_MASK"] = mask
+        else:
+            os.environ.pop("DALI_AFFINITY_MASK", None)
+        cfg = {"dataset": "cifar10", "root": args.root, "generate": True, "generated_classes": 10,
+               "generated_size": 5000, "generated_val_size": 1, "batch_size": 256, "device": "gpu",
+               "dtype": "bfloat16", **settings}
+        ensure_generated(cfg)
+        feed = itertools.chain.from_iterable(iter(build_loader(cfg, "train", device_id=0)) for _ in itertools.count())
+        for _ in range(30):
+            next(feed)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(300):
+            next(feed)
+        torch.cuda.synchronize()
+        alone[name] = 256 * 300 / (time.perf_counter() - start)
+        feeds[name] = feed
+
+    model = rdinet.create_model("resnet32", num_classes=10).set_mode("full").to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model, mode="reduce-overhead")
+
+    def step(images, labels):
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(forward(images).logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    images = torch.randn(256, 3, 32, 32, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    feeds["synthetic"] = itertools.repeat((images, torch.randint(0, 10, (256,), device=device)))
+    for feed in feeds.values():
+        for _ in range(20):
+            step(*next(feed))
+    results = {}
+    for repeat in range(4):
+        for name, feed in (feeds.items() if repeat % 2 == 0 else reversed(feeds.items())):
+            waited, steps = 0.0, 250
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                tick = time.perf_counter()
+                batch = next(feed)
+                waited += time.perf_counter() - tick
+                step(*batch)
+            torch.cuda.synchronize()
+            results.setdefault(name, []).append((256 * steps / (time.perf_counter() - start), waited / steps * 1e3))
+    synthetic = statistics.median(r[0] for r in results["synthetic"])
+    for name, rows in results.items():
+        print(f"{name:30s} alone {alone.get(name, 0):8.0f} | fed img/s " + " ".join(f"{r[0]:7.0f}" for r in rows)
+              + f" | median / synthetic median {statistics.median(r[0] for r in rows) / synthetic:.3f}"
+              + " | host in next() ms " + " ".join(f"{r[1]:.2f}" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
