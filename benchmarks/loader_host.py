@@ -10,6 +10,7 @@ import argparse
 import itertools
 import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -29,8 +30,9 @@ VARIANTS = {  # data.* settings; DALI_AFFINITY_MASK pins DALI's threads to those
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--root", default="/tmp/rdinet-loader-host", help="where the generated CIFAR split is written")
+    parser.add_argument("--root", help="where the generated CIFAR split is written (default: a temporary folder)")
     args = parser.parse_args()
+    root = args.root or tempfile.mkdtemp(prefix="rdinet-loader-host-")
     device = torch.device("cuda", 0)
     feeds, alone = {}, {}
     for name, settings in VARIANTS.items():
@@ -40,7 +42,7 @@ def main():
             os.environ["DALI_AFFINITY_MASK"] = mask
         else:
             os.environ.pop("DALI_AFFINITY_MASK", None)
-        cfg = {"dataset": "cifar10", "root": args.root, "generate": True, "generated_classes": 10,
+        cfg = {"dataset": "cifar10", "root": root, "generate": True, "generated_classes": 10,
                "generated_size": 5000, "generated_val_size": 1, "batch_size": 256, "device": "gpu",
                "dtype": "bfloat16", **settings}
         ensure_generated(cfg)
