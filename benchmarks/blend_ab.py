@@ -12,7 +12,7 @@ import torch
 
 import rdinet.executor
 import rdinet.routers
-from pipeline.bench import ARCHS, MEAN, STD, Timer, make_model, synthetic, train_step_fn
+from pipeline.bench import ARCHS, MEAN, STD, Timer, make_training_model, synthetic, train_step_fn
 
 
 @contextlib.contextmanager
@@ -40,10 +40,7 @@ def main():
         rates = {}
         for name in ("static", "joint unfused", "joint fused", "joint unfused again", "joint fused again"):
             mode = "full" if name == "static" else "joint"
-            model = make_model(arch, classes, mode, device).train()
-            if mode == "full":
-                for p in model.router_parameters():
-                    p.requires_grad_(False)
+            model = make_training_model(arch, classes, mode, device)
             step = train_step_fn(model, data, True, MEAN, STD, joint=mode == "joint")
             with unfused() if "unfused" in name else contextlib.nullcontext():
                 rates[name] = args.batch / timer(step)

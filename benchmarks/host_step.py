@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from pipeline.bench import MEAN, STD, make_model, synthetic, train_step_fn
+from pipeline.bench import MEAN, STD, make_training_model, synthetic, train_step_fn
 
 
 def per_step_ms(fn, steps=40):
@@ -33,10 +33,7 @@ def main():
     rows = {}
     for _ in range(3):
         for row, mode, joint_loss in (("static", "full", False), ("joint CE", "joint", False), ("joint", "joint", True)):
-            model = make_model("resnet50", 1000, mode, device).train()
-            if mode == "full":
-                for p in model.router_parameters():
-                    p.requires_grad_(False)
+            model = make_training_model("resnet50", 1000, mode, device)
             rows.setdefault(row, []).append(per_step_ms(train_step_fn(model, data, True, MEAN, STD, joint=joint_loss)))
             if row != "joint CE":
                 def forward():

@@ -8,7 +8,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline.bench import ARCHS, make_model, synthetic, train_step_fn
+from pipeline.bench import ARCHS, make_training_model, synthetic, train_step_fn
 
 
 def main():
@@ -24,10 +24,7 @@ def main():
     data = synthetic(args.batch, size, classes, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for mode in ("full", "joint"):
-        model = make_model(args.arch, classes, mode, device).train()
-        if mode == "full":
-            for p in model.router_parameters():
-                p.requires_grad_(False)
+        model = make_training_model(args.arch, classes, mode, device)
         if args.compile:
             model.compile()
         step = train_step_fn(model, data, device.type == "cuda", (125.3, 123.0, 113.9), (63.0, 62.1, 66.7),

@@ -9,7 +9,7 @@ import sys
 import torch
 
 import rdinet
-from pipeline.bench import MEAN, STD, Timer, make_model, synthetic, train_step_fn
+from pipeline.bench import MEAN, STD, Timer, make_training_model, synthetic, train_step_fn
 
 
 def main():
@@ -19,10 +19,7 @@ def main():
     data = synthetic(256, 224, 1000, device)
     rates = {"full": [], "joint": []}
     for mode in ("full", "joint", "joint", "full"):  # symmetric order: a drift of the machine cancels
-        model = make_model("resnet50", 1000, mode, device).train()
-        if mode == "full":
-            for p in model.router_parameters():
-                p.requires_grad_(False)
+        model = make_training_model("resnet50", 1000, mode, device)
         rates[mode].append(256 / timer(train_step_fn(model, data, True, MEAN, STD, joint=mode == "joint")))
         del model
         torch.cuda.empty_cache()

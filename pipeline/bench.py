@@ -65,6 +65,16 @@ def make_model(arch: str, classes: int, mode: str, device, d: int = 256):
     return model.set_mode(mode)
 
 
+def make_training_model(arch: str, classes: int, mode: str, device):
+    """make_model in train mode; the static network ("full") keeps its routers, which never run,
+    out of the optimizer, as the trainer does."""
+    model = make_model(arch, classes, mode, device).train()
+    if mode == "full":
+        for p in model.router_parameters():
+            p.requires_grad_(False)
+    return model
+
+
 def train_step_fn(model, batch_source, bf16: bool, mean, std, joint: bool):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -136,10 +146,7 @@ def bench_compiled_training(arch, batch, device, timer, tiny, compile_mode: str 
     size, classes, bf16, data = _workload(arch, batch, device, tiny)
     result = {}
     for mode in ("full", "joint"):
-        model = make_model(arch, classes, mode, device).train()
-        if mode == "full":
-            for p in model.router_parameters():
-                p.requires_grad_(False)
+        model = make_training_model(arch, classes, mode, device)
         model.compile(mode=compile_mode)
         tick = time.perf_counter()
         step = train_step_fn(model, data, bf16, MEAN, STD, joint=mode == "joint")
@@ -152,12 +159,10 @@ def bench_compiled_training(arch, batch, device, timer, tiny, compile_mode: str 
 
 def bench_training(arch, batch, device, timer, tiny, tmp) -> dict:
     size, classes, bf16, data = _workload(arch, batch, device, tiny)
-    static = make_model(arch, classes, "full", device).train()
-    for p in static.router_parameters():
-        p.requires_grad_(False)
+    static = make_training_model(arch, classes, "full", device)
     result = {"static_synthetic": batch / timer(train_step_fn(static, data, bf16, MEAN, STD, joint=False))}
     del static
-    joint = make_model(arch, classes, "joint", device).train()
+    joint = make_training_model(arch, classes, "joint", device)
     result["rdinet_synthetic"] = batch / timer(train_step_fn(joint, data, bf16, MEAN, STD, joint=True))
     try:
         loader = generated_loader(arch, batch, device, tmp, tiny)
