@@ -95,9 +95,7 @@ class CifarSource:
             raise StopIteration
         count = min(self.group, self.batches - first) * self.batch_size
         picked = self.indices(info.epoch_idx)[first * self.batch_size:][:count]
-        if self.stream is None:
-            return self.images[picked], self.labels[picked]
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream):  # no stream (CPU): a no-op
             return self.images[picked], self.labels[picked]
 
 
