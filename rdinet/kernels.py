@@ -160,8 +160,8 @@ def blend(residual: torch.Tensor, shortcut: torch.Tensor, gate: torch.Tensor, wi
     """shortcut + gate * (ReLU(residual + shortcut) - shortcut), gate (B,) per sample; Triton kernels,
     differentiable in all three. residual and shortcut: the same shape, dtype and dense layout.
 
-    with_mean=True returns (out, mean): mean is out's average over H and W, (B, C) in out's dtype
-    (summed in float32), the GAP the next block's router reads, from the same pass (no second read
+    with_mean=True returns (out, mean): mean is out's average over H and W, (B, C) in float32 (the
+    dtype it is summed in), the GAP the next block's router reads, from the same pass (no second read
     of out); its gradient is added to out's inside the backward's pass (no full-size add of an
     expanded one)."""
     return _Blend.apply(residual, shortcut, gate, with_mean)
@@ -215,8 +215,10 @@ class _Blend(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         grid, scalars, blocks = _walk_of(residual)
         out = torch.empty_like(residual)
-        mean = residual.new_empty(residual.shape[:2]) if with_mean else out  # unread without MEAN
-        _kernel_named("blend", _blend_kernel)[grid](residual, shortcut, gate.contiguous(), out, mean, *scalars,
+        # the mean in float32, the dtype it is summed in and the routers compute in
+        mean = residual.new_empty(residual.shape[:2], dtype=torch.float32) if with_mean else out  # unread if not MEAN
+        # gate: a strided column of the routers' (B, 2) softmax, read in place
+        _kernel_named("blend", _blend_kernel)[grid](residual, shortcut, gate, gate.stride(0), out, mean, *scalars,
                                                      MEAN=with_mean, **blocks)
         ctx.save_for_backward(residual, shortcut, gate)
         return (out, mean) if with_mean else out
@@ -233,7 +235,7 @@ class _Blend(torch.autograd.Function):
         partial = torch.empty(grid, dtype=torch.float32, device=residual.device)  # per program: its dv terms
         mean_grad = grad_mean.contiguous() if grad_mean is not None else partial  # unread without MEAN_GRAD
         _kernel_named("blend_backward", _blend_backward_kernel)[grid](
-            grad, mean_grad, residual, shortcut, gate.contiguous(), grad_residual, grad_shortcut, partial,
+            grad, mean_grad, residual, shortcut, gate, gate.stride(0), grad_residual, grad_shortcut, partial,
             *scalars, MEAN_GRAD=grad_mean is not None, **blocks)
         # per-program sums added in a fixed order: the gate's gradient is deterministic
         return grad_residual, grad_shortcut, partial.sum(dim=1).to(gate.dtype), None
@@ -357,12 +359,12 @@ if triton is not None:
         counts = tl.sum((index[:, None] == bin_ids[None, :]).to(tl.int32), axis=0)
         tl.atomic_add(counts_ptr + image_channel * BINS + bin_ids, counts, mask=bin_ids < BINS)
 
-    def _blend_kernel(res_ptr, sc_ptr, gate_ptr, out_ptr, mean_ptr, P, C, stride_p, stride_c, inv_p,
+    def _blend_kernel(res_ptr, sc_ptr, gate_ptr, gate_stride, out_ptr, mean_ptr, P, C, stride_p, stride_c, inv_p,
                       MEAN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         sample = tl.program_id(0)
         channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         base = sample.to(tl.int64) * P * C
-        v = tl.load(gate_ptr + sample).to(tl.float32)
+        v = tl.load(gate_ptr + sample * gate_stride).to(tl.float32)
         sums = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for first in range(0, P, BLOCK_P):
             pixels = first + tl.arange(0, BLOCK_P)
@@ -378,13 +380,13 @@ if triton is not None:
             mean = tl.sum(sums, axis=0) * inv_p
             tl.store(mean_ptr + sample * C + channels, mean.to(mean_ptr.dtype.element_ty), mask=channels < C)
 
-    def _blend_backward_kernel(grad_ptr, mean_grad_ptr, res_ptr, sc_ptr, gate_ptr, grad_res_ptr, grad_sc_ptr,
-                               partial_ptr, P, C, stride_p, stride_c, inv_p, MEAN_GRAD: tl.constexpr,
+    def _blend_backward_kernel(grad_ptr, mean_grad_ptr, res_ptr, sc_ptr, gate_ptr, gate_stride, grad_res_ptr,
+                               grad_sc_ptr, partial_ptr, P, C, stride_p, stride_c, inv_p, MEAN_GRAD: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         sample, channel_block = tl.program_id(0), tl.program_id(1)
         channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
         base = sample.to(tl.int64) * P * C
-        v = tl.load(gate_ptr + sample).to(tl.float32)
+        v = tl.load(gate_ptr + sample * gate_stride).to(tl.float32)
         if MEAN_GRAD:  # d mean / d out = 1 / (H * W) for every pixel of the channel
             from_mean = tl.load(mean_grad_ptr + sample * C + channels, mask=channels < C, other=0.0).to(tl.float32)
             from_mean = from_mean * inv_p

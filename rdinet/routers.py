@@ -51,8 +51,17 @@ class RelationalRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, previous: list[torch.Tensor],
                 pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """pooled: GAP(x) (B, C) when already computed (the previous block's blend sums it)."""
-        s_tilde = F.relu(self.align(channel_mean(x) if pooled is None else pooled))
+        """pooled: GAP(x) (B, C) when already computed (the previous block's blend sums it).
+
+        The router computes in its weights' dtype (fp32 in mixed precision), outside autocast:
+        autocast would cast each of its five weight tensors to bf16 at every call and their
+        gradients back, twenty kernels a router per step for matmuls too small to gain from bf16."""
+        pooled = channel_mean(x) if pooled is None else pooled
+        with torch.autocast(pooled.device.type, enabled=False):
+            return self._route(pooled.to(self.align.weight.dtype), previous)
+
+    def _route(self, pooled: torch.Tensor, previous: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        s_tilde = F.relu(self.align(pooled))
         rows = self.num_rows(len(previous))
         if rows == 1:
             aggregated = s_tilde
