@@ -60,6 +60,19 @@ class Timer:
         return statistics.median(times)
 
 
+def gpu_ms_per_call(fn, calls: int = 10) -> float:
+    """Summed duration of the CUDA kernels one call of `fn` runs (torch.profiler), in ms."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(e.time_range.elapsed_us() for e in kernels) / calls / 1000
+
+
 def make_model(arch: str, classes: int, mode: str, device, d: int = 256):
     model = rdinet.create_model(arch, num_classes=classes, d=d).to(device, memory_format=torch.channels_last)
     return model.set_mode(mode)
@@ -163,7 +176,10 @@ def bench_training(arch, batch, device, timer, tiny, tmp) -> dict:
     result = {"static_synthetic": batch / timer(train_step_fn(static, data, bf16, MEAN, STD, joint=False))}
     del static
     joint = make_training_model(arch, classes, "joint", device)
-    result["rdinet_synthetic"] = batch / timer(train_step_fn(joint, data, bf16, MEAN, STD, joint=True))
+    joint_step = train_step_fn(joint, data, bf16, MEAN, STD, joint=True)
+    result["rdinet_synthetic"] = batch / timer(joint_step)
+    if device.type == "cuda":  # what the SRM's GPU work is measured against
+        result["rdinet_gpu_ms_per_step"] = gpu_ms_per_call(joint_step, calls=3)
     try:
         loader = generated_loader(arch, batch, device, tmp, tiny)
     except ImportError as err:  # DALI missing on this machine
@@ -240,7 +256,11 @@ def bench_inference(arch, batch, device, timer, tiny, buckets=SKIP_BUCKETS, froz
 
 def bench_srm(batch, size, device, timer) -> dict:
     """SRM time per batch (histograms, distances, argsort, rank loss and its backward), and the
-    histograms alone: the Triton kernel (on a GPU) against the torch ops."""
+    histograms alone: the Triton kernel (on a GPU) against the torch ops.
+
+    On a GPU also the SRM's GPU work per batch (its kernels' summed durations): run alone, back to
+    back, the SRM's few small kernels wait on their own launching, so ms_per_batch is host time;
+    inside a training step, whose host runs ahead of the GPU, the GPU work is what it adds."""
     images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     paths = torch.rand(batch, 54, device=device, requires_grad=True)
 
@@ -248,6 +268,8 @@ def bench_srm(batch, size, device, timer) -> dict:
         hist = srm.color_histograms(images, bins=16, mean=MEAN, std=STD)
         srm.rank_loss(paths, hist).backward()
     result = {"ms_per_batch": 1000 * timer(run)}
+    if device.type == "cuda":
+        result["gpu_ms_per_batch"] = gpu_ms_per_call(run)
     for name, use_triton in (("triton", True), ("torch", False)):
         if use_triton and not kernels.triton_runs_on(images):
             continue
@@ -325,7 +347,12 @@ def print_table(results: dict) -> None:
                 print(f"  {name:16} {v['img_s']:9.0f}  {v['speedup']:5.2f}x {v['speedup_vs_frozen_static']:5.2f}x  "
                       f"cost {v['ratio']:.2f}")
     for arch, r in results["srm"].items():
-        print(f"srm {arch}: {r['ms_per_batch']:.2f} ms per batch; histograms alone "
+        gpu = ""
+        if "gpu_ms_per_batch" in r:
+            step = results["train"].get(arch, {}).get("rdinet_gpu_ms_per_step")
+            share = f", {100 * r['gpu_ms_per_batch'] / step:.1f} % of the joint step's" if step else ""
+            gpu = f" ({r['gpu_ms_per_batch']:.2f} ms of GPU work{share})"
+        print(f"srm {arch}: {r['ms_per_batch']:.2f} ms per batch{gpu}; histograms alone "
               + ", ".join(f"{k.split('_')[1]} {v:.3f} ms" for k, v in r.items() if k.startswith("histograms_")))
 
 
