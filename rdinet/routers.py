@@ -54,8 +54,8 @@ class RelationalRouter(nn.Module):
         """pooled: GAP(x) (B, C) when already computed (the previous block's blend sums it).
 
         The router computes in its weights' dtype (fp32 in mixed precision), outside autocast:
-        autocast would cast each of its five weight tensors to bf16 at every call and their
-        gradients back, twenty kernels a router per step for matmuls too small to gain from bf16."""
+        autocast would cast its five weight tensors to bf16 at every call and their gradients
+        back, ten kernels a router per step for matmuls too small to gain much from bf16."""
         pooled = channel_mean(x) if pooled is None else pooled
         with torch.autocast(pooled.device.type, enabled=False):
             return self._route(pooled.to(self.align.weight.dtype), previous)
