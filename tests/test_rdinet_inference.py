@@ -230,6 +230,37 @@ def test_blend_with_mean_and_its_backward_equal_autograd(memory_format, shape):
                        torch.autograd.grad(expected_mean, reference, grad_mean))
 
 
+@needs_triton
+def test_blend_reads_the_gate_in_place_and_sums_bf16_in_float32():
+    """The gate as the model passes it, a column of the Gumbel softmax's (B, 2) output (stride 2,
+    no copy): values and gradients as with the torch formula; with bf16 activations the mean the
+    next router reads comes out in float32."""
+    torch.manual_seed(4)
+    shape = (3, 5, 4, 4)
+    make = lambda: torch.randn(*shape, device=DEVICE).contiguous(  # noqa: E731
+        memory_format=torch.channels_last).requires_grad_()
+    residual, shortcut = make(), make()
+    pair = torch.rand(shape[0], 2, device=DEVICE, requires_grad=True)
+    assert pair[:, 1].stride() == (2,)
+    out, mean = kernels.blend(residual, shortcut, pair[:, 1], with_mean=True)
+    expected = blend_reference(residual, shortcut, pair[:, 1])
+    weights = torch.randn(*shape, device=DEVICE)
+    grads = torch.autograd.grad((out * weights).sum() + mean.square().sum(), (residual, shortcut, pair))
+    expected_grads = torch.autograd.grad((expected * weights).sum() + expected.mean(dim=(2, 3)).square().sum(),
+                                         (residual, shortcut, pair))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, expected.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert grads[2][:, 0].abs().max() == 0  # the skip column takes no gradient
+    residual16, shortcut16, gate = residual.detach().bfloat16(), shortcut.detach().bfloat16(), pair[:, 1].detach()
+    out16, mean16 = kernels.blend(residual16, shortcut16, gate, with_mean=True)
+    assert out16.dtype == torch.bfloat16 and mean16.dtype == torch.float32
+    # summed before out is rounded to bf16: the float32 blend of the same bf16 inputs
+    unrounded = blend_reference(residual16.float(), shortcut16.float(), gate)
+    torch.testing.assert_close(mean16, unrounded.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+
+
 def test_router_mean_gradient_equals_autograds():
     torch.manual_seed(7)
     from rdinet.routers import channel_mean

@@ -138,3 +138,26 @@ def test_training_gates_are_gumbel_softmax_of_router_logits():
     torch.testing.assert_close(out.gates, torch.stack(gates, 1))
     torch.testing.assert_close(out.logits, ref_logits, rtol=1e-4, atol=1e-5)
     assert ((out.gates > 0) & (out.gates < 1)).all(), "relaxed gates lie strictly inside (0, 1)"
+
+
+@pytest.mark.parametrize("gamma", [0.5, "auto"])
+def test_router_computes_in_its_weights_dtype_under_autocast(gamma):
+    """Under bf16 autocast the router runs as in fp32 (autocast off inside it: no bf16 casts of
+    its weights), from a bf16 GAP too; a router whose weights are bf16 computes in bf16."""
+    torch.manual_seed(2)
+    router = RelationalRouter(6, d=8, r=2, gamma=gamma)
+    x = torch.randn(4, 6, 3, 3)
+    previous = [torch.randn(4, 8) for _ in range(2)]
+    pooled = torch.randn(4, 6)
+    want = router(x, previous, pooled)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x, previous, pooled)
+        from_bf16 = router(x, previous, pooled.bfloat16())
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert all(t.dtype == torch.float32 for t in from_bf16)
+    torch.testing.assert_close(from_bf16[1], router(x, previous, pooled.bfloat16().float())[1], rtol=0, atol=0)
+    half = RelationalRouter(6, d=8, r=2, gamma=gamma).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(t.dtype == torch.bfloat16 for t in half(x.bfloat16(), [p.bfloat16() for p in previous]))
