@@ -213,7 +213,7 @@ class _Blend(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual, shortcut, gate, with_mean):
         ctx.set_materialize_grads(False)
-        grid, scalars, blocks = _walk_of(residual)
+        ctx.walk = grid, scalars, blocks = _walk_of(residual)  # the backward walks the same way
         out = torch.empty_like(residual)
         # the mean in float32, the dtype it is summed in and the routers compute in
         mean = residual.new_empty(residual.shape[:2], dtype=torch.float32) if with_mean else out  # unread if not MEAN
@@ -230,7 +230,7 @@ class _Blend(torch.autograd.Function):
             grad = torch.zeros_like(residual)
         elif grad.stride() != residual.stride():  # the kernel walks all three in the same order
             grad = torch.empty_like(residual).copy_(grad)
-        grid, scalars, blocks = _walk_of(residual)
+        grid, scalars, blocks = ctx.walk
         grad_residual, grad_shortcut = torch.empty_like(residual), torch.empty_like(shortcut)
         partial = torch.empty(grid, dtype=torch.float32, device=residual.device)  # per program: its dv terms
         mean_grad = grad_mean.contiguous() if grad_mean is not None else partial  # unread without MEAN_GRAD
