@@ -21,8 +21,7 @@ def run_masked(block, x: torch.Tensor, gate: torch.Tensor, with_mean: bool = Fal
     torch.compile and elsewhere, torch ops (which torch.compile fuses itself)."""
     shortcut = block.shortcut(x)
     residual = block.residual(x)
-    if (kernels.triton_runs_on(residual) and not torch.compiler.is_compiling()
-            and kernels.blend_fits(residual, shortcut, gate)):
+    if kernels.kernels_serve(residual) and kernels.blend_fits(residual, shortcut, gate):
         return kernels.blend(residual, shortcut, gate, with_mean)
     out = block.relu(residual + shortcut)
     dtype = torch.promote_types(shortcut.dtype, out.dtype)

@@ -66,6 +66,12 @@ def use_triton_for(t: torch.Tensor, use_triton: bool | None) -> bool:
     return use_triton
 
 
+def kernels_serve(t: torch.Tensor, use_triton: bool | None = None) -> bool:
+    """use_triton_for(t, use_triton), and not while torch.compile traces: there the torch ops
+    stay, which inductor fuses itself."""
+    return use_triton_for(t, use_triton) and not torch.compiler.is_compiling()
+
+
 def gather_linear(x_rows: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, index: torch.Tensor | None,
                   rows_per_sample: int, relu: bool, use_triton: bool | None = None) -> torch.Tensor:
     """(rows of the samples in `index`, or all rows) @ weight_t + bias, ReLU'd if `relu`.

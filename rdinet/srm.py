@@ -29,7 +29,7 @@ def color_histograms(images: torch.Tensor, bins: int = 16, mean: Sequence[float]
     if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 256:
         raise ValueError(f"bins={bins!r} must be an integer in [1, 256]")
     batch, channels = images.shape[:2]
-    use_triton = kernels.use_triton_for(images, use_triton) and not torch.compiler.is_compiling()
+    use_triton = kernels.kernels_serve(images, use_triton)
     if images.dtype == torch.uint8:
         if mean is not None or std is not None:
             raise ValueError("mean/std apply to normalised float images; uint8 images are already 0..255")
