@@ -59,6 +59,10 @@ def deepspeed_config(cfg: dict, on_gpu: bool) -> dict:
     ds["zero_allow_untested_optimizer"] = True  # we hand DeepSpeed a torch SGD
     ds.pop("bf16", None), ds.pop("fp16", None)  # bf16 through torch_autocast only: BN stays fp32
     ds["torch_autocast"] = {"enabled": use_bf16(cfg, on_gpu), "dtype": "bfloat16"}
+    # DeepSpeed's throughput timer synchronises the device at every forward and every step when
+    # it was handed no DataLoader (ours is DALI's iterator), so the host could never queue a step
+    # ahead of the GPU. Off unless the job's JSON sets "timers" itself.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     return ds
 
 
