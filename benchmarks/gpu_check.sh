@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass over every GPU code path, with the figures the issues ask for. Run from the repo root
 # on a CUDA machine with DALI and DeepSpeed importable; results go to ${OUT:-benchmarks/out}.
-#   bash benchmarks/gpu_check.sh [tests|train|trainer|databench|bench|equivalence|all]...
+#   bash benchmarks/gpu_check.sh [tests|train|trainer|trainerstep|databench|bench|equivalence|all]...
 set -uo pipefail
 out=${OUT:-benchmarks/out}
 scratch=${TMPDIR:-/tmp}  # run directories and generated data
@@ -41,6 +41,13 @@ if has trainer; then
       --set data.generated_val_size=100 --set stages.warmup.epochs=1 --set stages.joint.epochs=2 \
       --set stages.joint.milestones=[] --set train.eval_every=5 --set train.progress=false \
       --set train.compile=$mode 2>&1 | grep -E "trained|rror" | sed "s/^/$mode: /" | tee -a "$out/trainer.txt"
+  done
+fi
+if has trainerstep; then
+  # the trainer's step row by row (compiled module, DeepSpeed engine, step flags, DALI), RDI-Net-110
+  # joint and static; one compile per mode
+  for mode in joint full; do
+    timeout 420 python3 benchmarks/trainer_step.py --mode $mode 2>&1 | grep -v -i warn | tail -12 | tee -a "$out/trainer_step.txt"
   done
 fi
 gpus=$(nvidia-smi -L | wc -l)

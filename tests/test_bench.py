@@ -24,3 +24,14 @@ def test_bench_tiny_writes_every_figure(tmp_path):
     assert 0.1 < rows["skip@0.3"]["ratio"] < 0.6 and rows["static"]["ratio"] == 1.0
     assert result["srm"]["resnet110"]["ms_per_batch"] > 0
     assert "infer resnet110 batch8" in proc.stdout
+
+
+def test_trainer_step_bench_times_every_row_of_the_trainers_step(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/trainer_step.py", "--tiny", "--compile", "none", "--steps", "2",
+                           "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.split()}
+    for row in ("module", "engine", "flags", "loader"):
+        ms, img_s = float(rows[row][0]), float(rows[row][1])
+        assert ms > 0 and abs(img_s - 8 / ms * 1000) <= 1, (row, rows[row])  # batch 8 in --tiny
+    assert "graphs torch.compile kept out of CUDA graphs: 0" in proc.stdout

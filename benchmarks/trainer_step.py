@@ -1,0 +1,192 @@
+"""Where the trainer's step time goes beyond the model's: one compiled model, timed through more
+and more of `pipeline/train.py`'s step loop in one process.
+
+    python benchmarks/trainer_step.py [--job jobs/cifar10_r110.yaml] [--mode joint|full]
+                                      [--compile reduce-overhead] [--steps 40] [--rounds 3]
+
+Rows (ms per step, median of interleaved rounds; all share the one compiled module, so one
+compile serves them all):
+  module   the compiled module (with the engine's hooks, which run inside it), the trainer's
+           loss terms, loss.backward() and the fused SGD step: what the model itself costs;
+  engine   the same through the DeepSpeed engine as the trainer drives it (engine(images),
+           accelerator.backward, which also steps the optimizer and scheduler);
+  flags    + the trainer's per-step StepFlags (the stop / non-finite check);
+  loader   + batches from the job's DALI loader instead of one fixed batch: the trainer's loop
+           without its logging.
+On a GPU each row also gets the summed duration of its CUDA kernels per step (torch.profiler).
+Graphs that torch.compile could not put into CUDA graphs are listed with inductor's reason.
+--tiny runs a small network on small images, for the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import trainer  # noqa: E402
+from pipeline.bench import from_loader, gpu_ms_per_call  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import build_loader  # noqa: E402
+from pipeline.data.generate import ensure_generated  # noqa: E402
+from pipeline.distributed import make_accelerator, use_bf16  # noqa: E402
+from pipeline.schedule import make_scheduler  # noqa: E402
+
+ROWS = ("module", "engine", "flags", "loader")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", default="jobs/cifar10_r110.yaml")
+    parser.add_argument("--mode", default="joint", choices=("joint", "full"))
+    parser.add_argument("--compile", default="reduce-overhead", help="train.compile (none, default, reduce-overhead)")
+    parser.add_argument("--steps", type=int, default=40, help="steps per timed window")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="resnet20, batch 8, few images (CPU tests)")
+    return parser.parse_args(argv)
+
+
+def job_config(args, root: Path) -> dict:
+    overrides = [f"stages.joint.mode={args.mode}", f"train.compile={args.compile}", "data.generate=true",
+                 f"data.root={root}", "train.progress=false"]
+    if args.tiny:
+        overrides += ["model.arch=resnet20", "data.batch_size=8", "data.generated_size=8",
+                      "data.generated_val_size=2", "data.num_threads=1"]
+    else:  # epochs of the trainer's CIFAR length (45,000 images), so epoch ends come as often
+        overrides += ["data.generated_size=4500", "data.generated_val_size=10"]
+    return load_config(args.job, overrides)
+
+
+def build(cfg: dict, run_dir: str):
+    """The trainer's own pieces, put together as `pipeline.trainer` does for the joint stage."""
+    accelerator = make_accelerator(cfg, run_dir)
+    on_gpu = accelerator.device.type == "cuda"
+    mode = trainer.stage_mode(cfg, "joint")
+    torch.manual_seed(cfg["seed"])
+    model = trainer.build_model(cfg).set_mode(mode)
+    ensure_generated(cfg["data"])
+    loader = build_loader(cfg["data"], "train", device_id=accelerator.local_process_index if on_gpu else None,
+                          seed=cfg["seed"])
+    optimizer = trainer.make_optimizer(trainer.trainable_parameters(model, mode), cfg["optim"],
+                                       cfg["data"]["batch_size"])
+    scheduler = make_scheduler(optimizer, len(loader), [], cfg["optim"]["lr_decay"], 0)
+    engine, optimizer, scheduler = trainer.prepare_engine(accelerator, model, optimizer, scheduler,
+                                                          cfg["train"]["compile"])
+    if accelerator.state.deepspeed_plugin.zero_stage != 0:  # the module row steps the torch SGD itself
+        raise SystemExit(f"{cfg['train']['deepspeed_config']} is ZeRO-{accelerator.state.deepspeed_plugin.zero_stage};"
+                         " this benchmark needs ZeRO-0 (the CIFAR jobs' jobs/deepspeed/zero0.json)")
+    loss_terms = trainer.make_loss_terms(mode, cfg["loss"], loader.mean, loader.std)
+    if cfg["train"]["compile"] != "none":
+        loss_terms = torch.compile(loss_terms, mode=cfg["train"]["compile"])
+    return accelerator, engine, optimizer, scheduler, loss_terms, loader, use_bf16(cfg, on_gpu)
+
+
+def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader, bf16, compiled):
+    fixed = next(iter(loader))
+    fixed_batch = lambda: fixed  # noqa: E731
+    loader_batch = from_loader(loader)
+    flags = trainer.StepFlags(accelerator.device)
+    device_type = accelerator.device.type
+
+    def batch_of(source):
+        images, labels = source()
+        return (images if bf16 else images.float()), labels
+
+    def module_step():
+        images, labels = batch_of(fixed_batch)
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            out = engine.module(images)
+        terms = loss_terms(images, out.logits, out.gates, labels)
+        terms["loss"].backward()
+        engine.optimizer.step()
+        engine.optimizer.zero_grad(set_to_none=True)
+
+    def trainer_step(source, with_flags):
+        def step():
+            images, labels = batch_of(source)
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = engine(images)
+            terms = loss_terms(images, out.logits, out.gates, labels)
+            if with_flags:
+                flags.push(False, terms, 0)
+            accelerator.backward(terms["loss"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        return step
+
+    return {"module": module_step, "engine": trainer_step(fixed_batch, False),
+            "flags": trainer_step(fixed_batch, True), "loader": trainer_step(loader_batch, True)}
+
+
+def ms_per_step(step, steps: int, device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    tick = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - tick) / steps * 1000
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    skipped = CudagraphSkips()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = job_config(args, Path(tmp) / "data")
+        parts = build(cfg, str(Path(tmp) / "run"))
+        device = parts[0].device
+        steps = step_functions(*parts, compiled=args.compile != "none")
+        tick = time.perf_counter()
+        for step in steps.values():  # compiles once, then warms every row
+            for _ in range(3):
+                step()
+        warmup_s = time.perf_counter() - tick
+        times = {row: [] for row in ROWS}
+        for _ in range(args.rounds):
+            for row in ROWS:
+                times[row].append(ms_per_step(steps[row], args.steps, device))
+        result = {row: statistics.median(times[row]) for row in ROWS}
+        gpu = {row: gpu_ms_per_call(steps[row], calls=5) for row in ROWS} if device.type == "cuda" else {}
+        batch = cfg["data"]["batch_size"]
+        print(f"{cfg['model']['arch']} {args.mode}, batch {batch}, compile {args.compile}, {device}; "
+              f"compile and warm-up {warmup_s:.0f} s")
+        print(f"{'row':8s} {'ms/step':>8s} {'img/s':>8s} {'GPU ms':>8s}")
+        for row in ROWS:
+            gpu_ms = f"{gpu[row]:8.2f}" if row in gpu else f"{'-':>8s}"
+            print(f"{row:8s} {result[row]:8.2f} {batch / result[row] * 1000:8.0f} {gpu_ms}")
+        from torch._dynamo.utils import counters
+        print(f"graphs torch.compile kept out of CUDA graphs: {counters['inductor']['cudagraph_skips']}")
+        for reason in sorted(set(skipped.reasons)):
+            print(f"not in a CUDA graph ({skipped.reasons.count(reason)}x): {reason}")
+    return {"ms_per_step": result, "gpu_ms_per_step": gpu, "cudagraph_skips": skipped.reasons}
+
+
+class CudagraphSkips(logging.Handler):
+    """Collects inductor's "skipping cudagraphs due to ..." messages (first line of each)."""
+
+    LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+
+    def __init__(self):
+        super().__init__()
+        self.reasons: list[str] = []
+        logging.getLogger(self.LOGGER).addHandler(self)
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("skipping cudagraphs"):
+            self.reasons.append(message.splitlines()[0])
+
+
+if __name__ == "__main__":
+    main()
