@@ -87,7 +87,11 @@ def trainable_parameters(model, mode: str):
 class StepFlags:
     """Did any rank get a stop signal or a non-finite loss? One small all-reduce per step, started
     asynchronously and read one step later, so the host never waits for the step it just queued
-    (on a GPU, a per-step host sync would stall the launch queue of these many small kernels)."""
+    (on a GPU, a per-step host sync would stall the launch queue of these many small kernels).
+
+    On a GPU the reduced flags are copied to pinned host memory as soon as they are ready, behind
+    an event. Reading them on the device one step later (`.tolist()`) would queue the copy behind
+    the forward pass the host has just launched, and wait for that."""
 
     def __init__(self, device):
         self.device = device
@@ -100,8 +104,16 @@ class StepFlags:
         flags = torch.stack([torch.full((), float(stop), device=self.device),
                              (~torch.isfinite(terms["loss"].detach())).float()])
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+        wait = work.wait
+        if flags.is_cuda:
+            work.wait()  # NCCL: the current stream waits for the reduce; the host does not
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            flags, wait = host, copied.synchronize
         # Copies: compiled (CUDA graph) outputs are overwritten by the next step's replay.
-        previous, self.pending = self.pending, (work, flags, {k: v.detach().clone() for k, v in terms.items()}, step)
+        previous, self.pending = self.pending, (wait, flags, {k: v.detach().clone() for k, v in terms.items()}, step)
         return self.resolve(previous)
 
     def drain(self):
@@ -113,8 +125,8 @@ class StepFlags:
         """(stop requested anywhere, (terms, step) of a non-finite loss or None)."""
         if item is None:
             return False, None
-        work, flags, terms, step = item
-        work.wait()
+        wait, flags, terms, step = item
+        wait()
         stop, bad = flags.tolist()
         return stop > 0, ((terms, step) if bad > 0 else None)
 

@@ -1,6 +1,7 @@
 """The trainer's step against direct references: the DeepSpeed engine as the trainer prepares it
 (one process, ZeRO-0, no all-reduce, fused SGD) must update the weights exactly as a plain torch
-SGD step on the same batches does; the compiled loss terms must equal the eager ones."""
+SGD step on the same batches does, without waiting for the device (on a GPU, in CUDA's sync debug
+mode); the compiled loss terms must equal the eager ones."""
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
     import rdinet
     from pipeline.config import load_config
     from pipeline.distributed import make_accelerator
-    from pipeline.trainer import make_optimizer, prepare_engine
+    from pipeline.trainer import StepFlags, make_optimizer, prepare_engine
 
     cfg = load_config(None, ["train.deepspeed_config=jobs/deepspeed/zero0.json", "data.batch_size=8",
                              "train.precision=fp32",  # the reference runs in fp32; a GPU would pick bf16
@@ -45,12 +46,19 @@ ENGINE_SCRIPT = textwrap.dedent("""
     accel, syncs = get_accelerator(), []
     device_sync = accel.synchronize
     accel.synchronize = lambda *args: syncs.append(args) or device_sync(*args)
+    flags = StepFlags(device)
     for step in range(3):
+        if device.type == "cuda" and step == 1:  # from the second step on, nothing may wait for the GPU
+            torch.cuda.set_sync_debug_mode("error")
         images, labels = torch.randn(8, 3, 32, 32, device=device), torch.randint(0, 10, (8,), device=device)
-        accelerator.backward(F.cross_entropy(engine(images).logits, labels))
+        loss = F.cross_entropy(engine(images).logits, labels)
+        flags.push(False, {"loss": loss}, step)
+        accelerator.backward(loss)
         optimizer.step(); scheduler.step(); optimizer.zero_grad()
         F.cross_entropy(reference(images).logits, labels).backward()
         ref_optimizer.step(); ref_optimizer.zero_grad()
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("default")
     net = accelerator.unwrap_model(engine)
     moved = max((p - start[k]).abs().max().item() for k, p in net.named_parameters() if p.requires_grad)
     worst = max((p - q).abs().max().item() for p, q in zip(net.parameters(), reference.parameters()))
@@ -94,3 +102,41 @@ def test_compiled_loss_terms_equal_the_eager_terms_and_their_gradients(mode):
         hist = srm.color_histograms(images, bins=16, mean=mean, std=std)
         direct = total_loss(logits, labels, gates, hist, t=0.5, alpha=0.2)
         torch.testing.assert_close(eager["loss"], direct["loss"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_step_flags_report_stop_and_non_finite_loss_one_step_later_without_waiting(device, tmp_path):
+    """StepFlags against what each step pushed. On a GPU, CUDA's sync debug mode checks that push
+    never synchronises with the stream (the work queued after a step's flags is never waited for)."""
+    import torch.distributed as dist
+    from pipeline.trainer import StepFlags
+
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path / 'pg'}",
+                            rank=0, world_size=1)
+    try:
+        flags = StepFlags(torch.device(device))
+        pushed = [(False, 1.0), (False, float("nan")), (True, 3.0), (False, 4.0)]
+        # made before the sync check: a tensor copied from the host synchronises
+        terms = [{"loss": torch.tensor(loss, device=device), "cls": torch.tensor(2.0, device=device)}
+                 for _, loss in pushed]
+        outcomes = []
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step, ((stop, _), step_terms) in enumerate(zip(pushed, terms), start=1):
+                outcomes.append(flags.push(stop, step_terms, step))
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        outcomes.append(flags.drain())
+        assert outcomes[0] == (False, None)  # nothing pushed before the first step
+        assert outcomes[1] == (False, None)  # step 1: finite, no stop
+        stop, (bad_terms, bad_step) = outcomes[2]  # step 2: the NaN, with the terms it had
+        assert not stop and bad_step == 2 and torch.isnan(bad_terms["loss"]) and float(bad_terms["cls"]) == 2.0
+        assert outcomes[3] == (True, None)  # step 3: the stop signal
+        assert outcomes[4] == (False, None)  # step 4, drained
+        assert flags.drain() == (False, None)
+    finally:
+        dist.destroy_process_group()
