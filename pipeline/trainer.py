@@ -89,13 +89,15 @@ class StepFlags:
     asynchronously and read one step later, so the host never waits for the step it just queued
     (on a GPU, a per-step host sync would stall the launch queue of these many small kernels).
 
-    On a GPU the reduced flags are copied to pinned host memory as soon as they are ready, behind
-    an event. Reading them on the device one step later (`.tolist()`) would queue the copy behind
-    the forward pass the host has just launched, and wait for that."""
+    On a GPU the reduced flags are copied to pinned host memory as soon as they are ready, on a
+    stream of their own and behind an event. Reading them on the device one step later
+    (`.tolist()`) would queue the copy behind the forward pass the host has just launched, and
+    wait for that; copying them on the training stream would make it wait for every rank."""
 
     def __init__(self, device):
         self.device = device
         self.pending = None
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def push(self, stop: bool, terms: dict, step: int):
         """Queue this step's flags; return the previous step's outcome (see `resolve`)."""
@@ -105,12 +107,14 @@ class StepFlags:
                              (~torch.isfinite(terms["loss"].detach())).float()])
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
         wait = work.wait
-        if flags.is_cuda:
-            work.wait()  # NCCL: the current stream waits for the reduce; the host does not
+        if self.copy_stream is not None:
             host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
             copied = torch.cuda.Event()
-            copied.record()
+            with torch.cuda.stream(self.copy_stream):
+                work.wait()  # NCCL: this stream waits for the reduce; the host does not
+                host.copy_(flags, non_blocking=True)
+                copied.record()
+            flags.record_stream(self.copy_stream)
             flags, wait = host, copied.synchronize
         # Copies: compiled (CUDA graph) outputs are overwritten by the next step's replay.
         previous, self.pending = self.pending, (wait, flags, {k: v.detach().clone() for k, v in terms.items()}, step)
