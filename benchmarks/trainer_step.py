@@ -89,7 +89,7 @@ def build(cfg: dict, run_dir: str):
 
 
 def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader, bf16, compiled):
-    fixed = next(iter(loader))
+    fixed = tuple(t.clone() for t in next(iter(loader)))  # DALI reuses the buffers it handed out
     fixed_batch = lambda: fixed  # noqa: E731
     loader_batch = from_loader(loader)
     flags = trainer.StepFlags(accelerator.device)
