@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import trainer  # noqa: E402
-from pipeline.bench import from_loader, gpu_ms_per_call  # noqa: E402
+from pipeline.bench import Timer, from_loader, gpu_ms_per_call  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import build_loader  # noqa: E402
 from pipeline.data.generate import ensure_generated  # noqa: E402
@@ -129,16 +129,6 @@ def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader
             "flags": trainer_step(fixed_batch, True), "loader": trainer_step(loader_batch, True)}
 
 
-def ms_per_step(step, steps: int, device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    tick = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return (time.perf_counter() - tick) / steps * 1000
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     skipped = CudagraphSkips()
@@ -152,10 +142,11 @@ def main(argv=None) -> dict:
             for _ in range(3):
                 step()
         warmup_s = time.perf_counter() - tick
+        window = Timer(device, warmup=0, iters=args.steps, repeats=1)  # one window per row and round
         times = {row: [] for row in ROWS}
         for _ in range(args.rounds):
             for row in ROWS:
-                times[row].append(ms_per_step(steps[row], args.steps, device))
+                times[row].append(1000 * window(steps[row]))
         result = {row: statistics.median(times[row]) for row in ROWS}
         gpu = {row: gpu_ms_per_call(steps[row], calls=5) for row in ROWS} if device.type == "cuda" else {}
         batch = cfg["data"]["batch_size"]
