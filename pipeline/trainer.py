@@ -144,7 +144,15 @@ def make_optimizer(params, optim_cfg: dict, global_batch: int):
 def prepare_engine(accelerator, model, optimizer, scheduler, compile_mode: str):
     """The DeepSpeed engine (with its optimizer and scheduler wrappers), set up for speed."""
     engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if accelerator.num_processes == 1 and accelerator.state.deepspeed_plugin.zero_stage == 0:
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage
+    if zero_stage == 0:
+        # Weights channels_last like the loader's images. A contiguous weight gets a channels_last
+        # gradient from the convolution, which autograd then copies into the weight's layout: one
+        # copy per convolution per step, outside the compiled graph. Only after prepare: DeepSpeed
+        # broadcasts each weight as bytes, which needs it contiguous. (ZeRO-1/2 point the weights
+        # into their flat partitions, which a new layout would cut loose.)
+        accelerator.unwrap_model(engine).to(memory_format=torch.channels_last)
+    if accelerator.num_processes == 1 and zero_stage == 0:
         # An all-reduce over one rank is the identity, yet DeepSpeed's ZeRO-0 path flattens all
         # gradients, reduces the copy and copies them back one by one: 605 small kernels and their
         # Python per step for ResNet-110. (ZeRO-1/2 keep it: their reduce fills the partitions.)
@@ -152,6 +160,16 @@ def prepare_engine(accelerator, model, optimizer, scheduler, compile_mode: str):
     if compile_mode != "none":  # training shapes are static (soft gates blend); evaluation stays eager
         engine.compile(compile_kwargs={"mode": compile_mode})
     return engine, optimizer, scheduler
+
+
+def state_in_parameter_layout(optimizer) -> None:
+    """Give each optimizer state tensor its parameter's memory layout. The fused SGD reads weight,
+    gradient and momentum as flat memory: a momentum saved contiguous (by a run from before the
+    weights were channels_last) would otherwise resume with its elements paired wrongly, silently."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param).copy_(value)
 
 
 def make_loss_terms(mode: str, loss_cfg: dict, mean, std):
@@ -206,8 +224,6 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
     model = build_model(cfg)
     init_weights(model, cfg, stage, run_dir, log)
     model.set_mode(mode)
-    # Parameters stay contiguous: DeepSpeed flattens them. Convolutions follow the loader's
-    # channels_last images.
     torch.manual_seed(cfg["seed"] * 1000 + rank + (1 if stage == "joint" else 0))  # per-rank Gumbel/USW noise
 
     data_cfg = cfg["data"]
@@ -230,6 +246,8 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
     latest = ckpt.latest_checkpoint(ckpt_dir)
     if latest is not None:
         state = ckpt.load_checkpoint(accelerator, latest, train_loader)
+        if accelerator.state.deepspeed_plugin.zero_stage == 0:  # the torch SGD's own state
+            state_in_parameter_layout(optimizer.optimizer)
         log(f"{stage}: resumed from {latest} (epoch {state['epoch']}, step {state['step']})")
     log(f"{stage}: {world} process(es), DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, "
         f"{'bf16 autocast' if bf16 else 'fp32'}, mode {mode}, {steps_per_epoch} steps/epoch, "
