@@ -13,8 +13,10 @@ compile serves them all):
   flags    + the trainer's per-step StepFlags (the stop / non-finite check);
   loader   + batches from the job's DALI loader instead of one fixed batch: the trainer's loop
            without its logging.
-On a GPU each row also gets the summed duration of its CUDA kernels per step (torch.profiler).
-Graphs that torch.compile could not put into CUDA graphs are listed with inductor's reason.
+Each row also gets the aten ops a step dispatches outside the compiled graphs (on any device:
+host work, and on a GPU launches outside CUDA graphs), listed by name; on a GPU also the summed
+duration of its CUDA kernels per step (torch.profiler). Graphs that torch.compile could not put
+into CUDA graphs are listed with inductor's reason.
 --tiny runs a small network on small images, for the tests.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import trainer  # noqa: E402
-from pipeline.bench import Timer, from_loader, gpu_ms_per_call  # noqa: E402
+from pipeline.bench import Timer, eager_ops_per_call, from_loader, gpu_ms_per_call  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import build_loader  # noqa: E402
 from pipeline.data.generate import ensure_generated  # noqa: E402
@@ -149,18 +151,23 @@ def main(argv=None) -> dict:
                 times[row].append(1000 * window(steps[row]))
         result = {row: statistics.median(times[row]) for row in ROWS}
         gpu = {row: gpu_ms_per_call(steps[row], calls=5) for row in ROWS} if device.type == "cuda" else {}
+        eager = {row: eager_ops_per_call(steps[row]) for row in ROWS}
         batch = cfg["data"]["batch_size"]
         print(f"{cfg['model']['arch']} {args.mode}, batch {batch}, compile {args.compile}, {device}; "
               f"compile and warm-up {warmup_s:.0f} s")
-        print(f"{'row':8s} {'ms/step':>8s} {'img/s':>8s} {'GPU ms':>8s}")
+        print(f"{'row':8s} {'ms/step':>8s} {'img/s':>8s} {'GPU ms':>8s} {'eager ops':>9s}")
         for row in ROWS:
             gpu_ms = f"{gpu[row]:8.2f}" if row in gpu else f"{'-':>8s}"
-            print(f"{row:8s} {result[row]:8.2f} {batch / result[row] * 1000:8.0f} {gpu_ms}")
+            print(f"{row:8s} {result[row]:8.2f} {batch / result[row] * 1000:8.0f} {gpu_ms} "
+                  f"{sum(eager[row].values()):9.0f}")
+        for row in ROWS:  # the most frequent first
+            print(f"eager ops a step, {row}: " + ", ".join(f"{name} {n:g}" for name, n in list(eager[row].items())[:12]))
         from torch._dynamo.utils import counters
         print(f"graphs torch.compile kept out of CUDA graphs: {counters['inductor']['cudagraph_skips']}")
         for reason in sorted(set(skipped.reasons)):
             print(f"not in a CUDA graph ({skipped.reasons.count(reason)}x): {reason}")
-    return {"ms_per_step": result, "gpu_ms_per_step": gpu, "cudagraph_skips": skipped.reasons}
+    return {"ms_per_step": result, "gpu_ms_per_step": gpu, "eager_ops_per_step": eager,
+            "cudagraph_skips": skipped.reasons}
 
 
 class CudagraphSkips(logging.Handler):

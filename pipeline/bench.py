@@ -13,6 +13,7 @@ it runs at tiny sizes (--tiny) so the tests cover it.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import platform
 import statistics
@@ -71,6 +72,30 @@ def gpu_ms_per_call(fn, calls: int = 10) -> float:
         torch.cuda.synchronize()
     kernels = (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     return sum(e.time_range.elapsed_us() for e in kernels) / calls / 1000
+
+
+def eager_ops_per_call(fn, calls: int = 3) -> dict[str, float]:
+    """The aten ops one call of `fn` dispatches outside torch.compile's graphs (top-level ones, by
+    name; torch.profiler): host work on every device, and on a GPU launches outside CUDA graphs."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    counts = collections.Counter(e.name for e in prof.events()
+                                 if e.name.startswith("aten::") and not _nested_or_compiled(e))
+    return {name: n / calls for name, n in counts.most_common()}
+
+
+def _nested_or_compiled(event) -> bool:
+    """Inside another aten op, or inside a compiled graph ("Torch-Compiled Region", "CompiledFunction",
+    "CompiledFunctionBackward", "## Call CompiledFxGraph ...")."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::") or "Compiled" in parent.name:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def make_model(arch: str, classes: int, mode: str, device, d: int = 256):
