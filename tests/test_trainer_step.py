@@ -2,6 +2,7 @@
 (one process, ZeRO-0, no all-reduce, fused SGD) must update the weights exactly as a plain torch
 SGD step on the same batches does, without waiting for the device (on a GPU, in CUDA's sync debug
 mode); the compiled loss terms must equal the eager ones."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -97,6 +98,66 @@ def test_one_zero0_process_updates_weights_as_plain_sgd_does_without_syncing_the
     # channels_last weights take their convolutions' gradients as they come (contiguous weights
     # would have each gradient copied into their layout, 19 copies a step for ResNet-20).
     assert int(line.split()[7]) == 0, line
+
+
+TWO_RANK_SCRIPT = textwrap.dedent("""
+    import copy, sys, torch, torch.nn.functional as F
+    import rdinet
+    from pipeline.config import load_config
+    from pipeline.distributed import make_accelerator
+    from pipeline.trainer import make_optimizer, prepare_engine
+
+    cfg = load_config(None, ["train.deepspeed_config=jobs/deepspeed/zero0.json", "data.batch_size=8",
+                             "train.precision=fp32", "optim.weight_decay=0.01", "optim.lr=0.05"])
+    accelerator = make_accelerator(cfg, sys.argv[1])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(0)
+    model = rdinet.create_model("resnet20").set_mode("full")
+    for p in model.router_parameters():
+        p.requires_grad_(False)
+    reference = copy.deepcopy(model)  # sees the whole global batch
+    params = lambda m: [p for p in m.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params(model), cfg["optim"], 8 * world)
+    ref_optimizer = torch.optim.SGD(params(reference), lr=optimizer.param_groups[0]["lr"], momentum=0.9,
+                                    weight_decay=0.01, foreach=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    engine, optimizer, scheduler = prepare_engine(accelerator, model, optimizer, scheduler, "none")
+    net = accelerator.unwrap_model(engine)
+    layout = all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
+    start = [p.detach().clone() for p in net.parameters()]
+    engine.eval(), reference.eval()  # BatchNorm's running statistics: one function for any split of a batch
+    batches = torch.Generator().manual_seed(1)
+    for step in range(3):
+        images = torch.randn(8 * world, 3, 32, 32, generator=batches).contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 10, (8 * world,), generator=batches)
+        mine = slice(8 * rank, 8 * rank + 8)
+        accelerator.backward(F.cross_entropy(engine(images[mine]).logits, labels[mine]))
+        optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        F.cross_entropy(reference(images).logits, labels).backward()
+        ref_optimizer.step(); ref_optimizer.zero_grad()
+    moved = max((p - q).abs().max().item() for p, q in zip(net.parameters(), start))
+    worst = max((p - q).abs().max().item() for p, q in zip(net.parameters(), reference.parameters()))
+    print(f"rank {rank} allreduce {engine.enable_backward_allreduce} channels_last {layout} moved {moved:.3g} worst {worst:.3g}")
+""")
+
+
+def test_two_zero0_processes_update_weights_as_sgd_on_the_whole_batch_does(tmp_path):
+    """The multi-GPU CIFAR path: two ranks, each on its half of the batch, all-reduce channels_last
+    weight gradients through DeepSpeed's flattened buckets; the weights must follow one SGD on the
+    whole batch."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANK_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split()[1] for line in lines] == ["0", "1"], proc.stdout[-2000:]
+    for line in lines:
+        fields = line.split()
+        assert fields[3] == "True" and fields[5] == "True", line  # two ranks all-reduce; weights channels_last
+        assert float(fields[7]) > 1e-3, line  # the steps changed the weights
+        assert float(fields[9]) < 1e-4, line
 
 
 @pytest.mark.parametrize("mode", ["joint", "full"])
