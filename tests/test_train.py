@@ -1,4 +1,5 @@
-"""Real runs of pipeline/train.py on the CPU: 2 processes, DeepSpeed ZeRO-2 through accelerate.
+"""Real runs of pipeline/train.py on the CPU: 2 processes, DeepSpeed ZeRO-2 through accelerate (and one
+process on ZeRO-0, as the CIFAR jobs run).
 
 One uninterrupted run is the reference; an interrupted-and-resumed run and a killed-and-rerun run
 must reach bitwise the same final weights (deterministic mode).
@@ -90,6 +91,20 @@ def test_interrupted_run_resumes_to_identical_weights(reference, data_dir, tmp_p
     ref, _ = reference
     for stage in ("warmup", "joint"):
         assert manifest(run, stage)["weights_sha256"] == manifest(ref, stage)["weights_sha256"], stage
+
+
+def test_zero0_run_stopped_mid_epoch_resumes_to_identical_weights(data_dir, tmp_path):
+    """The CIFAR jobs' engine, on one process: ZeRO-0, channels_last weights, and the torch SGD's
+    momentum restored from the checkpoint into them."""
+    zero0 = "train.deepspeed_config=jobs/deepspeed/zero0.json"
+    whole, run = tmp_path / "whole", tmp_path / "resumed"
+    train(whole, data_dir, zero0, processes=1, check=0)
+    stopped = train(run, data_dir, zero0, "train.stop_at_step=3", processes=1)  # warm-up has 5 steps here
+    assert "exiting for requeue" in stopped.stdout + stopped.stderr, stopped.stderr[-3000:]
+    resumed = train(run, data_dir, zero0, processes=1, check=0)
+    assert "warmup: resumed from" in resumed.stdout + resumed.stderr  # not started over
+    for stage in ("warmup", "joint"):
+        assert manifest(run, stage)["weights_sha256"] == manifest(whole, stage)["weights_sha256"], stage
 
 
 def test_killed_mid_joint_then_rerun_finishes_identically(reference, data_dir, tmp_path):

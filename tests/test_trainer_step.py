@@ -1,7 +1,8 @@
 """The trainer's step against direct references: the DeepSpeed engine as the trainer prepares it
-(one process, ZeRO-0, no all-reduce, fused SGD) must update the weights exactly as a plain torch
-SGD step on the same batches does, without waiting for the device (on a GPU, in CUDA's sync debug
-mode); the compiled loss terms must equal the eager ones."""
+(one process, ZeRO-0, no all-reduce, fused SGD, channels_last weights) must update the weights
+exactly as a plain torch SGD step on the same batches does, without waiting for the device (on a
+GPU, in CUDA's sync debug mode) and without copying weight gradients; two such processes must
+follow one SGD on the whole batch; the compiled loss terms must equal the eager ones."""
 import os
 import subprocess
 import sys
@@ -144,12 +145,12 @@ TWO_RANK_SCRIPT = textwrap.dedent("""
 def test_two_zero0_processes_update_weights_as_sgd_on_the_whole_batch_does(tmp_path):
     """The multi-GPU CIFAR path: two ranks, each on its half of the batch, all-reduce channels_last
     weight gradients through DeepSpeed's flattened buckets; the weights must follow one SGD on the
-    whole batch."""
+    whole batch. On the CPU (gloo) on every machine: two ranks of NCCL would need two GPUs."""
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANK_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
     assert [line.split()[1] for line in lines] == ["0", "1"], proc.stdout[-2000:]
