@@ -13,10 +13,12 @@ compile serves them all):
   flags    + the trainer's per-step StepFlags (the stop / non-finite check);
   loader   + batches from the job's DALI loader instead of one fixed batch: the trainer's loop
            without its logging.
-Each row also gets the aten ops a step dispatches outside the compiled graphs (on any device:
-host work, and on a GPU launches outside CUDA graphs), listed by name; on a GPU also the summed
-duration of its CUDA kernels per step (torch.profiler). Graphs that torch.compile could not put
-into CUDA graphs are listed with inductor's reason.
+Each row also gets its host ms per step (the host's loop without the final wait for the GPU:
+close to ms/step when the host is the bottleneck, below it when the GPU is) and the aten ops a
+step dispatches outside the compiled graphs (on any device: host work, and on a GPU launches
+outside CUDA graphs), listed by name; on a GPU also the summed duration of its CUDA kernels per
+step (torch.profiler). Graphs that torch.compile could not put into CUDA graphs are listed with
+inductor's reason.
 --tiny runs a small network on small images, for the tests.
 """
 from __future__ import annotations
@@ -150,15 +152,16 @@ def main(argv=None) -> dict:
             for row in ROWS:
                 times[row].append(1000 * window(steps[row]))
         result = {row: statistics.median(times[row]) for row in ROWS}
+        host = {row: host_ms_per_step(steps[row], args.steps, device) for row in ROWS}
         gpu = {row: gpu_ms_per_call(steps[row], calls=5) for row in ROWS} if device.type == "cuda" else {}
         eager = {row: eager_ops_per_call(steps[row]) for row in ROWS}
         batch = cfg["data"]["batch_size"]
         print(f"{cfg['model']['arch']} {args.mode}, batch {batch}, compile {args.compile}, {device}; "
               f"compile and warm-up {warmup_s:.0f} s")
-        print(f"{'row':8s} {'ms/step':>8s} {'img/s':>8s} {'GPU ms':>8s} {'eager ops':>9s}")
+        print(f"{'row':8s} {'ms/step':>8s} {'img/s':>8s} {'host ms':>8s} {'GPU ms':>8s} {'eager ops':>9s}")
         for row in ROWS:
             gpu_ms = f"{gpu[row]:8.2f}" if row in gpu else f"{'-':>8s}"
-            print(f"{row:8s} {result[row]:8.2f} {batch / result[row] * 1000:8.0f} {gpu_ms} "
+            print(f"{row:8s} {result[row]:8.2f} {batch / result[row] * 1000:8.0f} {host[row]:8.2f} {gpu_ms} "
                   f"{sum(eager[row].values()):9.0f}")
         for row in ROWS:  # the most frequent first
             print(f"eager ops a step, {row}: " + ", ".join(f"{name} {n:g}" for name, n in list(eager[row].items())[:12]))
@@ -166,8 +169,21 @@ def main(argv=None) -> dict:
         print(f"graphs torch.compile kept out of CUDA graphs: {counters['inductor']['cudagraph_skips']}")
         for reason in sorted(set(skipped.reasons)):
             print(f"not in a CUDA graph ({skipped.reasons.count(reason)}x): {reason}")
-    return {"ms_per_step": result, "gpu_ms_per_step": gpu, "eager_ops_per_step": eager,
+    return {"ms_per_step": result, "host_ms_per_step": host, "gpu_ms_per_step": gpu, "eager_ops_per_step": eager,
             "cudagraph_skips": skipped.reasons}
+
+
+def host_ms_per_step(step, steps: int, device) -> float:
+    """Host time of `steps` calls from an idle GPU, not counting the wait for it at the end."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tick = time.perf_counter()
+    for _ in range(steps):
+        step()
+    spent = time.perf_counter() - tick
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * spent / steps
 
 
 class CudagraphSkips(logging.Handler):
