@@ -18,9 +18,9 @@ from rdinet.losses import total_loss
 
 REPO = Path(__file__).resolve().parent.parent
 
-ENGINE_SCRIPT = textwrap.dedent("""
+# argv: run directory, learning rate. One plain torch SGD (the reference) sees the whole global batch.
+ENGINE_SETUP = textwrap.dedent("""
     import copy, sys, torch, torch.nn.functional as F
-    from torch.utils._python_dispatch import TorchDispatchMode
     import rdinet
     from pipeline.config import load_config
     from pipeline.distributed import make_accelerator
@@ -28,23 +28,28 @@ ENGINE_SCRIPT = textwrap.dedent("""
 
     cfg = load_config(None, ["train.deepspeed_config=jobs/deepspeed/zero0.json", "data.batch_size=8",
                              "train.precision=fp32",  # the reference runs in fp32; a GPU would pick bf16
-                             "optim.weight_decay=0.01", "optim.lr=0.5"])
+                             "optim.weight_decay=0.01", f"optim.lr={sys.argv[2]}"])
     accelerator = make_accelerator(cfg, sys.argv[1])
-    device = accelerator.device  # the CPU in CI; a GPU runs it too, with deterministic convolutions
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = True, False
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes  # CPU in CI
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = True, False  # a GPU: deterministic
     torch.manual_seed(0)
     model = rdinet.create_model("resnet20").set_mode("full")
     for p in model.router_parameters():
         p.requires_grad_(False)
     reference = copy.deepcopy(model).to(device)
     params = lambda m: [p for p in m.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params(model), cfg["optim"], 8)
+    optimizer = make_optimizer(params(model), cfg["optim"], 8 * world)
     ref_optimizer = torch.optim.SGD(params(reference), lr=optimizer.param_groups[0]["lr"], momentum=0.9,
                                     weight_decay=0.01, foreach=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     engine, optimizer, scheduler = prepare_engine(accelerator, model, optimizer, scheduler, "none")
+    net = accelerator.unwrap_model(engine)
+""")
+
+ENGINE_SCRIPT = ENGINE_SETUP + textwrap.dedent("""
+    from torch.utils._python_dispatch import TorchDispatchMode
     assert engine.enable_backward_allreduce is False, "one ZeRO-0 process should skip the all-reduce"
-    convs = [p for p in accelerator.unwrap_model(engine).parameters() if p.dim() == 4]
+    convs = [p for p in net.parameters() if p.dim() == 4]
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs), "weights not channels_last"
 
     class WeightCopies(TorchDispatchMode):  # copies into convolution weight-shaped tensors
@@ -79,7 +84,6 @@ ENGINE_SCRIPT = textwrap.dedent("""
         ref_optimizer.step(); ref_optimizer.zero_grad()
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("default")
-    net = accelerator.unwrap_model(engine)
     moved = max((p - start[k]).abs().max().item() for k, p in net.named_parameters() if p.requires_grad)
     worst = max((p - q).abs().max().item() for p, q in zip(net.parameters(), reference.parameters()))
     print(f"moved {moved:.3g} worst {worst:.3g} syncs {len(syncs)} copies {copies}")
@@ -87,7 +91,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
 
 
 def test_one_zero0_process_updates_weights_as_plain_sgd_does_without_syncing_the_device(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(tmp_path)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(tmp_path), "0.5"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("moved"))
@@ -101,29 +105,7 @@ def test_one_zero0_process_updates_weights_as_plain_sgd_does_without_syncing_the
     assert int(line.split()[7]) == 0, line
 
 
-TWO_RANK_SCRIPT = textwrap.dedent("""
-    import copy, sys, torch, torch.nn.functional as F
-    import rdinet
-    from pipeline.config import load_config
-    from pipeline.distributed import make_accelerator
-    from pipeline.trainer import make_optimizer, prepare_engine
-
-    cfg = load_config(None, ["train.deepspeed_config=jobs/deepspeed/zero0.json", "data.batch_size=8",
-                             "train.precision=fp32", "optim.weight_decay=0.01", "optim.lr=0.05"])
-    accelerator = make_accelerator(cfg, sys.argv[1])
-    rank, world = accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(0)
-    model = rdinet.create_model("resnet20").set_mode("full")
-    for p in model.router_parameters():
-        p.requires_grad_(False)
-    reference = copy.deepcopy(model)  # sees the whole global batch
-    params = lambda m: [p for p in m.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params(model), cfg["optim"], 8 * world)
-    ref_optimizer = torch.optim.SGD(params(reference), lr=optimizer.param_groups[0]["lr"], momentum=0.9,
-                                    weight_decay=0.01, foreach=False)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    engine, optimizer, scheduler = prepare_engine(accelerator, model, optimizer, scheduler, "none")
-    net = accelerator.unwrap_model(engine)
+TWO_RANK_SCRIPT = ENGINE_SETUP + textwrap.dedent("""
     layout = all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
     start = [p.detach().clone() for p in net.parameters()]
     engine.eval(), reference.eval()  # BatchNorm's running statistics: one function for any split of a batch
@@ -149,7 +131,7 @@ def test_two_zero0_processes_update_weights_as_sgd_on_the_whole_batch_does(tmp_p
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANK_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True,
+                           str(script), str(tmp_path / "run"), "0.05"], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
