@@ -5,6 +5,7 @@ train epoch by epoch with validation; export the final weights and manifest.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -152,6 +153,10 @@ def prepare_engine(accelerator, model, optimizer, scheduler, compile_mode: str):
         # broadcasts each weight as bytes, which needs it contiguous. (ZeRO-1/2 point the weights
         # into their flat partitions, which a new layout would cut loose.)
         accelerator.unwrap_model(engine).to(memory_format=torch.channels_last)
+        # DeepSpeed's ZeRO-0 step clears the gradients by walking module.named_parameters(): 0.6 ms
+        # of host time a step for RDI-Net-110, whose compiled step leaves the host little to spare.
+        # The optimizer holds the same tensors (every parameter that gets a gradient) in a list.
+        engine.zero_grad = functools.partial(engine.optimizer.zero_grad, set_to_none=True)
     if accelerator.num_processes == 1 and zero_stage == 0:
         # An all-reduce over one rank is the identity, yet DeepSpeed's ZeRO-0 path flattens all
         # gradients, reduces the copy and copies them back one by one: 605 small kernels and their
