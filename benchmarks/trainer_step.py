@@ -16,8 +16,10 @@ compile serves them all):
 Each row also gets its host ms per step (the host's loop without the final wait for the GPU:
 close to ms/step when the host is the bottleneck, below it when the GPU is) and the aten ops a
 step dispatches outside the compiled graphs (on any device: host work, and on a GPU launches
-outside CUDA graphs), listed by name; on a GPU also the summed duration of its CUDA kernels per
-step (torch.profiler). Graphs that torch.compile could not put into CUDA graphs are listed with
+outside CUDA graphs), listed by name. On a GPU also, per step (torch.profiler): GPU ms, the summed
+duration of its kernels; gaps ms, the idle time between dependent kernels shorter than 20 us (the
+GPU's own, inside CUDA graphs too); waits ms, the rest of ms/step: the GPU idle, waiting for the
+host. Graphs that torch.compile could not put into CUDA graphs are listed with
 inductor's reason.
 --tiny runs a small network on small images, for the tests.
 """
@@ -36,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import trainer  # noqa: E402
-from pipeline.bench import Timer, eager_ops_per_call, from_loader, gpu_ms_per_call  # noqa: E402
+from pipeline.bench import Timer, cuda_intervals, eager_ops_per_call, from_loader, short_gaps_us  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import build_loader  # noqa: E402
 from pipeline.data.generate import ensure_generated  # noqa: E402
@@ -153,15 +155,19 @@ def main(argv=None) -> dict:
                 times[row].append(1000 * window(steps[row]))
         result = {row: statistics.median(times[row]) for row in ROWS}
         host = {row: host_ms_per_step(steps[row], args.steps, device) for row in ROWS}
-        gpu = {row: gpu_ms_per_call(steps[row], calls=5) for row in ROWS} if device.type == "cuda" else {}
+        spans = {row: cuda_intervals(steps[row], calls=5) for row in ROWS} if device.type == "cuda" else {}
+        gpu = {row: sum(end - start for start, end in spans[row]) / 5000 for row in spans}
+        gaps = {row: short_gaps_us(spans[row]) / 5000 for row in spans}
         eager = {row: eager_ops_per_call(steps[row]) for row in ROWS}
         batch = cfg["data"]["batch_size"]
         print(f"{cfg['model']['arch']} {args.mode}, batch {batch}, compile {args.compile}, {device}; "
               f"compile and warm-up {warmup_s:.0f} s")
-        print(f"{'row':8s} {'ms/step':>8s} {'img/s':>8s} {'host ms':>8s} {'GPU ms':>8s} {'eager ops':>9s}")
+        print(f"{'row':8s} {'ms/step':>8s} {'img/s':>8s} {'host ms':>8s} {'GPU ms':>8s} {'gaps ms':>8s} "
+              f"{'waits ms':>8s} {'eager ops':>9s}")
         for row in ROWS:
-            gpu_ms = f"{gpu[row]:8.2f}" if row in gpu else f"{'-':>8s}"
-            print(f"{row:8s} {result[row]:8.2f} {batch / result[row] * 1000:8.0f} {host[row]:8.2f} {gpu_ms} "
+            gpu_cols = (f"{gpu[row]:8.2f} {gaps[row]:8.2f} {result[row] - gpu[row] - gaps[row]:8.2f}" if row in gpu
+                        else " ".join(f"{'-':>8s}" for _ in range(3)))
+            print(f"{row:8s} {result[row]:8.2f} {batch / result[row] * 1000:8.0f} {host[row]:8.2f} {gpu_cols} "
                   f"{sum(eager[row].values()):9.0f}")
         for row in ROWS:  # the most frequent first
             print(f"eager ops a step, {row}: " + ", ".join(f"{name} {n:g}" for name, n in list(eager[row].items())[:12]))
@@ -169,7 +175,8 @@ def main(argv=None) -> dict:
         print(f"graphs torch.compile kept out of CUDA graphs: {counters['inductor']['cudagraph_skips']}")
         for reason in sorted(set(skipped.reasons)):
             print(f"not in a CUDA graph ({skipped.reasons.count(reason)}x): {reason}")
-    return {"ms_per_step": result, "host_ms_per_step": host, "gpu_ms_per_step": gpu, "eager_ops_per_step": eager,
+    return {"ms_per_step": result, "host_ms_per_step": host, "gpu_ms_per_step": gpu, "gpu_gaps_ms_per_step": gaps,
+            "eager_ops_per_step": eager,
             "cudagraph_skips": skipped.reasons}
 
 

@@ -63,6 +63,11 @@ class Timer:
 
 def gpu_ms_per_call(fn, calls: int = 10) -> float:
     """Summed duration of the CUDA kernels one call of `fn` runs (torch.profiler), in ms."""
+    return sum(end - start for start, end in cuda_intervals(fn, calls)) / calls / 1000
+
+
+def cuda_intervals(fn, calls: int) -> list[tuple[float, float]]:
+    """(start, end) in us of every CUDA kernel, copy and fill that `calls` calls of `fn` run."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -70,8 +75,20 @@ def gpu_ms_per_call(fn, calls: int = 10) -> float:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    kernels = (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return sum(e.time_range.elapsed_us() for e in kernels) / calls / 1000
+    return [(e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def short_gaps_us(intervals, below_us: float = 20.0) -> float:
+    """Summed idle time between consecutive GPU operations, counting only gaps shorter than
+    `below_us`: what the GPU spends between dependent kernels on its own (a few us each, inside
+    CUDA graphs too). Longer gaps are waits for the host, which the profiler itself lengthens."""
+    total, busy_until = 0.0, None
+    for start, end in sorted(intervals):
+        if busy_until is not None and busy_until < start < busy_until + below_us:
+            total += start - busy_until
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return total
 
 
 def eager_ops_per_call(fn, calls: int = 3) -> dict[str, float]:

@@ -35,7 +35,18 @@ def test_trainer_step_bench_times_every_row_of_the_trainers_step(tmp_path):
         ms, img_s = float(rows[row][0]), float(rows[row][1])
         assert ms > 0 and abs(img_s - 8 / ms * 1000) <= 1, (row, rows[row])  # batch 8 in --tiny
     assert all(float(rows[row][2]) > 0 for row in ("module", "engine", "flags", "loader"))  # host ms a step
-    eager = {row: float(rows[row][4]) for row in ("module", "engine", "flags")}  # aten ops outside graphs
+    assert all(rows[row][3:6] == ["-", "-", "-"] for row in ("module", "engine", "flags", "loader"))  # GPU only
+    eager = {row: float(rows[row][6]) for row in ("module", "engine", "flags")}  # aten ops outside graphs
     # uncompiled, every op is eager: the engine adds its loss scaling, the flags their stack and copies
     assert 0 < eager["module"] < eager["engine"] < eager["flags"], eager
     assert "graphs torch.compile kept out of CUDA graphs: 0" in proc.stdout
+
+
+def test_short_gaps_count_only_the_idle_time_between_nearby_gpu_operations():
+    from pipeline.bench import short_gaps_us
+    # two overlapping kernels (0-15 busy), a 2 us gap, a kernel, then an 80 us wait for the host
+    spans = [(5.0, 15.0), (0.0, 10.0), (17.0, 20.0), (100.0, 110.0)]
+    assert short_gaps_us(spans) == 2.0
+    assert short_gaps_us(spans, below_us=100.0) == 82.0  # both gaps, counted directly: 17-15 + 100-20
+    assert short_gaps_us([(0.0, 30.0), (1.0, 2.0), (31.0, 40.0)]) == 1.0  # a kernel inside another's span
+    assert short_gaps_us([]) == 0.0
