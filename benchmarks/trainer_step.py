@@ -11,6 +11,8 @@ compile serves them all):
   engine   the same through the DeepSpeed engine as the trainer drives it (engine(images),
            accelerator.backward, which also steps the optimizer and scheduler);
   flags    + the trainer's per-step StepFlags (the stop / non-finite check);
+  flags2   the same with the flags read two steps later instead of one (StepFlags(lag=2)), which
+           lets the host run one more step ahead of the GPU;
   loader   + batches from the job's DALI loader instead of one fixed batch: the trainer's loop
            without its logging.
 Each row also gets its host ms per step (the host's loop without the final wait for the GPU:
@@ -45,7 +47,7 @@ from pipeline.data.generate import ensure_generated  # noqa: E402
 from pipeline.distributed import make_accelerator, use_bf16  # noqa: E402
 from pipeline.schedule import make_scheduler  # noqa: E402
 
-ROWS = ("module", "engine", "flags", "loader")
+ROWS = ("module", "engine", "flags", "flags2", "loader")
 
 
 def parse_args(argv=None):
@@ -98,7 +100,6 @@ def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader
     fixed = tuple(t.clone() for t in next(iter(loader)))  # DALI reuses the buffers it handed out
     fixed_batch = lambda: fixed  # noqa: E731
     loader_batch = from_loader(loader)
-    flags = trainer.StepFlags(accelerator.device)
     device_type = accelerator.device.type
 
     def batch_of(source):
@@ -116,14 +117,16 @@ def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader
         engine.optimizer.step()
         engine.optimizer.zero_grad(set_to_none=True)
 
-    def trainer_step(source, with_flags):
+    def trainer_step(source, flags_lag):
+        flags = trainer.StepFlags(accelerator.device, lag=flags_lag) if flags_lag else None
+
         def step():
             images, labels = batch_of(source)
             if compiled:
                 torch.compiler.cudagraph_mark_step_begin()
             out = engine(images)
             terms = loss_terms(images, out.logits, out.gates, labels)
-            if with_flags:
+            if flags is not None:
                 flags.push(False, terms, 0)
             accelerator.backward(terms["loss"])
             optimizer.step()
@@ -131,8 +134,8 @@ def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader
             optimizer.zero_grad()
         return step
 
-    return {"module": module_step, "engine": trainer_step(fixed_batch, False),
-            "flags": trainer_step(fixed_batch, True), "loader": trainer_step(loader_batch, True)}
+    return {"module": module_step, "engine": trainer_step(fixed_batch, 0), "flags": trainer_step(fixed_batch, 1),
+            "flags2": trainer_step(fixed_batch, 2), "loader": trainer_step(loader_batch, 1)}
 
 
 def main(argv=None) -> dict:

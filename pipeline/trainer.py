@@ -5,6 +5,7 @@ train epoch by epoch with validation; export the final weights and manifest.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
@@ -87,21 +88,23 @@ def trainable_parameters(model, mode: str):
 
 class StepFlags:
     """Did any rank get a stop signal or a non-finite loss? One small all-reduce per step, started
-    asynchronously and read one step later, so the host never waits for the step it just queued
+    asynchronously and read `lag` steps later, so the host never waits for the step it just queued
     (on a GPU, a per-step host sync would stall the launch queue of these many small kernels).
+    Reading step n's flags waits until the GPU has finished step n's loss, so `lag` also caps how
+    many steps the host can run ahead of the GPU.
 
     On a GPU the reduced flags are copied to pinned host memory as soon as they are ready, on a
     stream of their own and behind an event. Reading them on the device one step later
     (`.tolist()`) would queue the copy behind the forward pass the host has just launched, and
     wait for that; copying them on the training stream would make it wait for every rank."""
 
-    def __init__(self, device):
-        self.device = device
-        self.pending = None
+    def __init__(self, device, lag: int = 1):
+        self.device, self.lag = device, lag
+        self.pending = collections.deque()
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def push(self, stop: bool, terms: dict, step: int):
-        """Queue this step's flags; return the previous step's outcome (see `resolve`)."""
+        """Queue this step's flags; return the outcome of the step `lag` steps back (see `resolve`)."""
         # torch.full fills on the device; torch.tensor(x, device=...) would copy from the host
         # and wait for the GPU to drain first.
         flags = torch.stack([torch.full((), float(stop), device=self.device),
@@ -118,12 +121,14 @@ class StepFlags:
             flags.record_stream(self.copy_stream)
             flags, wait = host, copied.synchronize
         # Copies: compiled (CUDA graph) outputs are overwritten by the next step's replay.
-        previous, self.pending = self.pending, (wait, flags, {k: v.detach().clone() for k, v in terms.items()}, step)
-        return self.resolve(previous)
+        self.pending.append((wait, flags, {k: v.detach().clone() for k, v in terms.items()}, step))
+        return self.resolve(self.pending.popleft() if len(self.pending) > self.lag else None)
 
     def drain(self):
-        previous, self.pending = self.pending, None
-        return self.resolve(previous)
+        """The outcome of every step still pending: a stop anywhere, the first non-finite loss."""
+        outcomes = [self.resolve(item) for item in self.pending]
+        self.pending.clear()
+        return any(stop for stop, _ in outcomes), next((bad for _, bad in outcomes if bad), None)
 
     @staticmethod
     def resolve(item):

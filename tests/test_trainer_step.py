@@ -181,7 +181,8 @@ def test_compiled_loss_terms_equal_the_eager_terms_and_their_gradients(mode):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_step_flags_report_stop_and_non_finite_loss_one_step_later_without_waiting(device, tmp_path):
+@pytest.mark.parametrize("lag", [1, 2])
+def test_step_flags_report_stop_and_non_finite_loss_lag_steps_later_without_waiting(device, lag, tmp_path):
     """StepFlags against what each step pushed. On a GPU, CUDA's sync debug mode checks that push
     never synchronises with the stream (the work queued after a step's flags is never waited for)."""
     import torch.distributed as dist
@@ -190,7 +191,7 @@ def test_step_flags_report_stop_and_non_finite_loss_one_step_later_without_waiti
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path / 'pg'}",
                             rank=0, world_size=1)
     try:
-        flags = StepFlags(torch.device(device))
+        flags = StepFlags(torch.device(device), lag=lag)
         pushed = [(False, 1.0), (False, float("nan")), (True, 3.0), (False, 4.0)]
         # made before the sync check: a tensor copied from the host synchronises
         terms = [{"loss": torch.tensor(loss, device=device), "cls": torch.tensor(2.0, device=device)}
@@ -205,13 +206,17 @@ def test_step_flags_report_stop_and_non_finite_loss_one_step_later_without_waiti
         finally:
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
-        outcomes.append(flags.drain())
-        assert outcomes[0] == (False, None)  # nothing pushed before the first step
-        assert outcomes[1] == (False, None)  # step 1: finite, no stop
-        stop, (bad_terms, bad_step) = outcomes[2]  # step 2: the NaN, with the terms it had
+        drained = flags.drain()
+        assert outcomes[:lag] == [(False, None)] * lag  # nothing reported before step 1's flags are read
+        reported = outcomes[lag:]  # push n reports step n - lag
+        assert reported[0] == (False, None)  # step 1: finite, no stop
+        stop, (bad_terms, bad_step) = reported[1]  # step 2: the NaN, with the terms it had
         assert not stop and bad_step == 2 and torch.isnan(bad_terms["loss"]) and float(bad_terms["cls"]) == 2.0
-        assert outcomes[3] == (True, None)  # step 3: the stop signal
-        assert outcomes[4] == (False, None)  # step 4, drained
+        if lag == 1:
+            assert reported[2] == (True, None)  # step 3: the stop signal
+            assert drained == (False, None)  # step 4
+        else:
+            assert drained == (True, None)  # steps 3 (the stop signal) and 4
         assert flags.drain() == (False, None)
     finally:
         dist.destroy_process_group()
