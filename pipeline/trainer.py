@@ -284,6 +284,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
     loss_terms = make_loss_terms(mode, cfg["loss"], train_loader.mean, train_loader.std)
     if compiled:  # the SRM histograms, rank and cost terms: a few fused kernels instead of ~40
         loss_terms = torch.compile(loss_terms, mode=tcfg["compile"])
+    cache_counts = compile_cache_counts()
     while state["epoch"] < epochs:
         engine.train()
         net.set_mode(mode)
@@ -330,6 +331,11 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
             f"({seen / epoch_s:.0f} img/s)")
         if bad:
             _raise_non_finite(stage, bad, ckpt_dir)
+        if compiled and cache_counts is not None:  # once, after the epoch that compiled
+            loaded, built = (now - before for now, before in zip(compile_cache_counts(), cache_counts))
+            log(f"{stage}: torch.compile: {loaded} graph(s) loaded from the cache in "
+                f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')}, {built} compiled")
+            cache_counts = None
         requeue = requeue or stop
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
@@ -355,6 +361,12 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
         writer.close()
     accelerator.wait_for_everyone()
     return 0
+
+
+def compile_cache_counts() -> tuple[int, int]:
+    """(graphs loaded from inductor's cache, graphs compiled) so far in this process."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
 def _progress(accelerator, tcfg, stage, state, steps_per_epoch, epochs):

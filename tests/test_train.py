@@ -6,6 +6,7 @@ must reach bitwise the same final weights (deterministic mode).
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,9 @@ def sets(*pairs):
 
 
 def train(run_dir, data_dir, *extra, processes=2, timeout=600, check=None, args=()):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    # as from a shell: importing torch here set TORCHINDUCTOR_CACHE_DIR, which would override the run's own
+    env = dict({k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}, PYTHONUNBUFFERED="1",
+               DS_ACCELERATOR="cpu")
     launcher = ([str(ACCELERATE), "launch", "--config_file", "jobs/accelerate/cpu.yaml",
                  "--num_processes", str(processes)] if processes > 1 else [sys.executable])
     cmd = launcher + ["pipeline/train.py", "--run-dir", str(run_dir), *args,
@@ -110,7 +113,9 @@ def test_zero0_run_stopped_mid_epoch_resumes_to_identical_weights(data_dir, tmp_
 def test_killed_mid_joint_then_rerun_finishes_identically(reference, data_dir, tmp_path):
     run = tmp_path / "run"
     train(run, data_dir, args=["--stage", "warmup"], check=0)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    # as from a shell: importing torch here set TORCHINDUCTOR_CACHE_DIR, which would override the run's own
+    env = dict({k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}, PYTHONUNBUFFERED="1",
+               DS_ACCELERATOR="cpu")
     cmd = [str(ACCELERATE), "launch", "--config_file", "jobs/accelerate/cpu.yaml", "pipeline/train.py",
            "--run-dir", str(run), *sets(f"data.root={data_dir}", *TINY)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -169,6 +174,14 @@ def test_compiled_training_runs_both_stages_and_evaluates_eagerly(data_dir, tmp_
     metrics = manifest(run, "joint")["metrics"]
     # evaluation (eager, real skipping) of the compiled model: hard 0/1 decisions, a finite result
     assert metrics["samples"] == 40 and 0 <= metrics["exec_rate"] <= 1 and 0 <= metrics["top1"] <= 1
+    # a stage run again (as after preemption, on any node that sees the run directory) loads its
+    # compiled graphs from the run directory's cache instead of compiling them again
+    assert f"in {run.resolve() / 'compile_cache'}, " in out
+    shutil.rmtree(run / "joint")
+    again = train(run, data_dir, "train.compile=default", "train.deterministic=false", processes=1, check=0)
+    line = next(line for line in (again.stdout + again.stderr).splitlines() if "joint: torch.compile:" in line)
+    loaded, built = int(line.split()[2]), int(line.split()[-2])
+    assert loaded > 0 and built == 0, line
 
 
 def test_evaluate_cli_writes_metrics_and_plots(reference, data_dir, tmp_path):
