@@ -158,9 +158,10 @@ def main(argv=None) -> dict:
                 times[row].append(1000 * window(steps[row]))
         result = {row: statistics.median(times[row]) for row in ROWS}
         host = {row: host_ms_per_step(steps[row], args.steps, device) for row in ROWS}
-        spans = {row: cuda_intervals(steps[row], calls=5) for row in ROWS} if device.type == "cuda" else {}
-        gpu = {row: sum(end - start for start, end in spans[row]) / 5000 for row in spans}
-        gaps = {row: short_gaps_us(spans[row]) / 5000 for row in spans}
+        profiled = 5  # steps
+        spans = {row: cuda_intervals(steps[row], profiled) for row in ROWS} if device.type == "cuda" else {}
+        gpu = {row: sum(end - start for start, end in spans[row]) / profiled / 1000 for row in spans}
+        gaps = {row: short_gaps_us(spans[row]) / profiled / 1000 for row in spans}
         eager = {row: eager_ops_per_call(steps[row]) for row in ROWS}
         batch = cfg["data"]["batch_size"]
         print(f"{cfg['model']['arch']} {args.mode}, batch {batch}, compile {args.compile}, {device}; "

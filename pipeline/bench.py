@@ -62,7 +62,8 @@ class Timer:
 
 
 def gpu_ms_per_call(fn, calls: int = 10) -> float:
-    """Summed duration of the CUDA kernels one call of `fn` runs (torch.profiler), in ms."""
+    """Summed duration of the GPU operations (kernels, copies, fills) one call of `fn` runs
+    (torch.profiler), in ms."""
     return sum(end - start for start, end in cuda_intervals(fn, calls)) / calls / 1000
 
 
