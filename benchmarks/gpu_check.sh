@@ -47,7 +47,7 @@ if has trainerstep; then
   # the trainer's step row by row (compiled module, DeepSpeed engine, step flags, DALI), RDI-Net-110
   # joint and static; one compile per mode
   for mode in joint full; do
-    timeout 420 python3 benchmarks/trainer_step.py --mode $mode 2>&1 | grep -v -i warn | tail -12 | tee -a "$out/trainer_step.txt"
+    timeout 420 python3 benchmarks/trainer_step.py --mode $mode 2>&1 | grep -v -i warn | tail -20 | tee -a "$out/trainer_step.txt"
   done
 fi
 gpus=$(nvidia-smi -L | wc -l)

@@ -13,8 +13,8 @@ compile serves them all):
   flags    + the trainer's per-step StepFlags (the stop / non-finite check);
   flags2   the same with the flags read two steps later instead of one (StepFlags(lag=2)), which
            lets the host run one more step ahead of the GPU;
-  loader   + batches from the job's DALI loader instead of one fixed batch: the trainer's loop
-           without its logging.
+  loader   + batches from the job's DALI loader instead of one fixed batch;
+  logged   + the trainer's TensorBoard logging every train.log_every steps: the trainer's loop.
 Each row also gets its host ms per step (the host's loop without the final wait for the GPU:
 close to ms/step when the host is the bottleneck, below it when the GPU is) and the aten ops a
 step dispatches outside the compiled graphs (on any device: host work, and on a GPU launches
@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -47,7 +48,7 @@ from pipeline.data.generate import ensure_generated  # noqa: E402
 from pipeline.distributed import make_accelerator, use_bf16  # noqa: E402
 from pipeline.schedule import make_scheduler  # noqa: E402
 
-ROWS = ("module", "engine", "flags", "flags2", "loader")
+ROWS = ("module", "engine", "flags", "flags2", "loader", "logged")
 
 
 def parse_args(argv=None):
@@ -65,7 +66,7 @@ def job_config(args, root: Path) -> dict:
     overrides = [f"stages.joint.mode={args.mode}", f"train.compile={args.compile}", "data.generate=true",
                  f"data.root={root}", "train.progress=false"]
     if args.tiny:
-        overrides += ["model.arch=resnet20", "data.batch_size=8", "data.generated_size=8",
+        overrides += ["model.arch=resnet20", "data.batch_size=8", "data.generated_size=8", "train.log_every=2",
                       "data.generated_val_size=2", "data.num_threads=1"]
     else:  # epochs of the trainer's CIFAR length (45,000 images), so epoch ends come as often
         overrides += ["data.generated_size=4500", "data.generated_val_size=10"]
@@ -96,7 +97,8 @@ def build(cfg: dict, run_dir: str):
     return accelerator, engine, optimizer, scheduler, loss_terms, loader, use_bf16(cfg, on_gpu)
 
 
-def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader, bf16, compiled):
+def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader, bf16, compiled, log=None):
+    """One function per row; `log` is (SummaryWriter, every, mode) for the logged row."""
     fixed = tuple(t.clone() for t in next(iter(loader)))  # DALI reuses the buffers it handed out
     fixed_batch = lambda: fixed  # noqa: E731
     loader_batch = from_loader(loader)
@@ -117,8 +119,9 @@ def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader
         engine.optimizer.step()
         engine.optimizer.zero_grad(set_to_none=True)
 
-    def trainer_step(source, flags_lag):
+    def trainer_step(source, flags_lag, log=None):
         flags = trainer.StepFlags(accelerator.device, lag=flags_lag) if flags_lag else None
+        done = [0]  # steps
 
         def step():
             images, labels = batch_of(source)
@@ -132,10 +135,15 @@ def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+            done[0] += 1
+            if log is not None and done[0] % log[1] == 0:
+                writer, _, mode = log
+                trainer._log_train(writer, done[0], terms, out.gates, scheduler, 0.0, mode)
         return step
 
     return {"module": module_step, "engine": trainer_step(fixed_batch, 0), "flags": trainer_step(fixed_batch, 1),
-            "flags2": trainer_step(fixed_batch, 2), "loader": trainer_step(loader_batch, 1)}
+            "flags2": trainer_step(fixed_batch, 2), "loader": trainer_step(loader_batch, 1),
+            "logged": trainer_step(loader_batch, 1, log)}
 
 
 def main(argv=None) -> dict:
@@ -145,7 +153,9 @@ def main(argv=None) -> dict:
         cfg = job_config(args, Path(tmp) / "data")
         parts = build(cfg, str(Path(tmp) / "run"))
         device = parts[0].device
-        steps = step_functions(*parts, compiled=args.compile != "none")
+        writer = SummaryWriter(str(Path(tmp) / "tensorboard"))
+        log = (writer, cfg["train"]["log_every"], trainer.stage_mode(cfg, "joint"))
+        steps = step_functions(*parts, compiled=args.compile != "none", log=log)
         tick = time.perf_counter()
         for step in steps.values():  # compiles once, then warms every row
             for _ in range(3):
@@ -179,6 +189,7 @@ def main(argv=None) -> dict:
         print(f"graphs torch.compile kept out of CUDA graphs: {counters['inductor']['cudagraph_skips']}")
         for reason in sorted(set(skipped.reasons)):
             print(f"not in a CUDA graph ({skipped.reasons.count(reason)}x): {reason}")
+        writer.close()
     return {"ms_per_step": result, "host_ms_per_step": host, "gpu_ms_per_step": gpu, "gpu_gaps_ms_per_step": gaps,
             "eager_ops_per_step": eager,
             "cudagraph_skips": skipped.reasons}
