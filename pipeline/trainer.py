@@ -162,11 +162,11 @@ def prepare_engine(accelerator, model, optimizer, scheduler, compile_mode: str):
         # of host time a step for RDI-Net-110, whose compiled step leaves the host little to spare.
         # The optimizer holds the same tensors (every parameter that gets a gradient) in a list.
         engine.zero_grad = functools.partial(engine.optimizer.zero_grad, set_to_none=True)
-    if accelerator.num_processes == 1 and zero_stage == 0:
-        # An all-reduce over one rank is the identity, yet DeepSpeed's ZeRO-0 path flattens all
-        # gradients, reduces the copy and copies them back one by one: 605 small kernels and their
-        # Python per step for ResNet-110. (ZeRO-1/2 keep it: their reduce fills the partitions.)
-        engine.enable_backward_allreduce = False
+        if accelerator.num_processes == 1:
+            # An all-reduce over one rank is the identity, yet DeepSpeed's ZeRO-0 path flattens all
+            # gradients, reduces the copy and copies them back one by one: 605 small kernels and
+            # their Python per step for ResNet-110. (ZeRO-1/2 keep it: their reduce fills the partitions.)
+            engine.enable_backward_allreduce = False
     if compile_mode != "none":  # training shapes are static (soft gates blend); evaluation stays eager
         engine.compile(compile_kwargs={"mode": compile_mode})
     return engine, optimizer, scheduler
@@ -284,7 +284,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
     loss_terms = make_loss_terms(mode, cfg["loss"], train_loader.mean, train_loader.std)
     if compiled:  # the SRM histograms, rank and cost terms: a few fused kernels instead of ~40
         loss_terms = torch.compile(loss_terms, mode=tcfg["compile"])
-    cache_counts = compile_cache_counts()
+    cache_counts = compile_cache_counts() if compiled else None  # logged once, after the epoch that compiled
     while state["epoch"] < epochs:
         engine.train()
         net.set_mode(mode)
@@ -331,7 +331,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
             f"({seen / epoch_s:.0f} img/s)")
         if bad:
             _raise_non_finite(stage, bad, ckpt_dir)
-        if compiled and cache_counts is not None:  # once, after the epoch that compiled
+        if cache_counts is not None:
             loaded, built = (now - before for now, before in zip(compile_cache_counts(), cache_counts))
             log(f"{stage}: torch.compile: {loaded} graph(s) loaded from the cache in "
                 f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')}, {built} compiled")
