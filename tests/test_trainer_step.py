@@ -68,8 +68,8 @@ ENGINE_SCRIPT = ENGINE_SETUP + textwrap.dedent("""
     device_sync = accel.synchronize
     accel.synchronize = lambda *args: syncs.append(args) or device_sync(*args)
     flags = StepFlags(device)
-    walks, in_step = [], [False]  # DeepSpeed's own zero_grad walks the module's named parameters
-    net.named_parameters = lambda *a, walk=net.named_parameters, **k: walks.append(in_step[0]) or walk(*a, **k)
+    walks, step_walks = [], 0  # DeepSpeed's own zero_grad walks the module's named parameters
+    net.named_parameters = lambda *a, walk=net.named_parameters, **k: walks.append(1) or walk(*a, **k)
     for step in range(3):
         if device.type == "cuda" and step == 1:  # from the second step on, nothing may wait for the GPU
             torch.cuda.set_sync_debug_mode("error")
@@ -78,10 +78,10 @@ ENGINE_SCRIPT = ENGINE_SETUP + textwrap.dedent("""
         loss = F.cross_entropy(engine(images).logits, labels)
         flags.push(False, {"loss": loss}, step)
         weight_copies = WeightCopies()
-        in_step[0] = True
+        walked = len(walks)
         with weight_copies:
             accelerator.backward(loss)
-        in_step[0] = False
+        step_walks += len(walks) - walked
         copies += weight_copies.count
         assert all(p.grad is None for p in net.parameters()), "the engine's step left gradients behind"
         optimizer.step(); scheduler.step(); optimizer.zero_grad()
@@ -92,7 +92,7 @@ ENGINE_SCRIPT = ENGINE_SETUP + textwrap.dedent("""
     moved = max((p - start[k]).abs().max().item() for k, p in net.named_parameters() if p.requires_grad)
     worst = max((p - q).abs().max().item() for p, q in zip(net.parameters(), reference.parameters()))
     del net.named_parameters
-    print(f"moved {moved:.3g} worst {worst:.3g} syncs {len(syncs)} copies {copies} walks {sum(walks)}")
+    print(f"moved {moved:.3g} worst {worst:.3g} syncs {len(syncs)} copies {copies} walks {step_walks}")
 """)
 
 
