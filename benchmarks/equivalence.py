@@ -9,7 +9,9 @@ global batch / N, so every run takes the same optimizer steps with the same lear
 first process count runs again with another seed (--noise-seed): the gap between those two runs
 is what "within noise" means for the others. Printed per stage: the training loss (mean of the
 logged steps in each tenth of the stage) of every run, the images trained per epoch (each sample
-once per epoch across ranks gives the same count for every N) and the final validation metrics.
+once per epoch across ranks gives the same count for every N), whether the learning rate at the
+logged steps is the same (it must be: the schedule is a function of the step) and the final
+validation metrics.
 The last line is `RESULT {json}`.
 """
 from __future__ import annotations
@@ -57,13 +59,13 @@ def _launch(args, processes: int, seed: int, batch: int, run_dir: Path) -> str:
     return done.stdout + done.stderr
 
 
-def _losses(run_dir: Path, stage: str) -> list[float]:
-    """train/loss of every logged step of the stage, in step order (from its TensorBoard events)."""
+def _logged(run_dir: Path, stage: str, tag: str) -> list[float]:
+    """`tag` (e.g. train/loss) at every logged step of the stage, in step order (from its TensorBoard events)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard" / stage), size_guidance={"scalars": 0})
     events.Reload()
-    return [e.value for e in sorted(events.Scalars("train/loss"), key=lambda e: e.step)]
+    return [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)]
 
 
 def _segments(values: list[float]) -> list[float]:
@@ -81,7 +83,8 @@ def _summary(run_dir: Path, log: str) -> dict:
             continue
         metrics = json.loads(manifest_path.read_text())["metrics"]
         trained = [int(n) for n in re.findall(rf"^{stage} epoch \d+/\d+: trained (\d+) images", log, re.M)]
-        result[stage] = {"loss_curve": _segments(_losses(run_dir, stage)), "images_per_epoch": sorted(set(trained)),
+        result[stage] = {"loss_curve": _segments(_logged(run_dir, stage, "train/loss")),
+                         "lr_curve": _logged(run_dir, stage, "train/lr"), "images_per_epoch": sorted(set(trained)),
                          "metrics": {k: v for k, v in metrics.items() if isinstance(v, float)}}
     return result
 
@@ -122,6 +125,11 @@ def main(argv=None) -> dict:
             gap = _largest_gap(results[base][stage]["loss_curve"], results[name][stage]["loss_curve"])
             results[name][stage]["largest_loss_gap_vs_" + base] = gap
             print(f"  {name} vs {base}: largest relative gap {gap:.3f}")
+            # the schedule is a function of the step: any difference is a bug, not noise
+            lr_gap = _largest_gap(results[base][stage]["lr_curve"], results[name][stage]["lr_curve"])
+            results[name][stage]["largest_lr_gap_vs_" + base] = lr_gap
+            print(f"  {name} vs {base}: learning rate at the logged steps " +
+                  ("the same" if lr_gap < 1e-6 else f"DIFFERS, by up to {lr_gap:.3f} relative"))
         for name in names:
             r = results[name][stage]
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())

@@ -105,8 +105,10 @@ def make_accelerator(cfg: dict, project_dir: str):
     timeout = datetime.timedelta(seconds=cfg["train"]["dist_timeout"])
     pg_kwargs = InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timeout)
     plugin = _Plugin(hf_ds_config=deepspeed_config(cfg, on_gpu))
+    # step_scheduler_with_optimizer=False: the schedule is per rank's step (pipeline.schedule), while
+    # accelerate's default steps the scheduler once per process at every step.
     accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[pg_kwargs],
-                              project_dir=project_dir)
+                              project_dir=project_dir, step_scheduler_with_optimizer=False)
     expected_world = int(os.environ["WORLD_SIZE"])
     if accelerator.num_processes != expected_world:
         raise RuntimeError(

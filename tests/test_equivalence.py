@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.generated_size=12", "data.generated_val_size=4", "stages.warmup.epochs=1", "stages.joint.epochs=1",
-        "stages.joint.milestones=[]", "train.log_every=1", "model.d=32"]
+        "stages.joint.milestones=[]", "optim.warmup_epochs=1", "train.log_every=1", "model.d=32"]
 
 
 def test_one_and_two_processes_at_one_global_batch(tmp_path):
@@ -25,6 +25,9 @@ def test_one_and_two_processes_at_one_global_batch(tmp_path):
         assert len(one["loss_curve"]) == len(two["loss_curve"]) == 7  # every step logged: 7 parts of one step
         assert all(math.isfinite(v) for v in one["loss_curve"] + two["loss_curve"])
         assert two["largest_loss_gap_vs_n1-seed0"] >= 0 and "top1" in two["metrics"]
+        # the lr warm-up ramps over the stage's 7 steps on either process count
+        assert len(one["lr_curve"]) == 7 and one["lr_curve"] == two["lr_curve"], (one["lr_curve"], two["lr_curve"])
+        assert two["largest_lr_gap_vs_n1-seed0"] == 0
     # the 2-process run really had two ranks: each read half of every global batch
     config = (tmp_path / "runs" / "n2-seed0" / "config.yaml").read_text()
     assert "batch_size: 8" in config
