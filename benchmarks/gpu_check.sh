@@ -12,7 +12,7 @@ has() { [[ " $what " == *" $1 "* || " $what " == *" all "* ]]; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, nvidia.dali, deepspeed, accelerate; print('torch', torch.__version__, 'dali', nvidia.dali.__version__, 'deepspeed', deepspeed.__version__, 'accelerate', accelerate.__version__)" 2>/dev/null | tee -a "$out/gpu.txt"
 if has tests; then
-  timeout 360 python3 -m pytest -q -x tests/test_data_gpu.py tests/test_gpu_sync.py tests/test_trainer_step.py tests/test_rdinet_model.py tests/test_rdinet_srm.py tests/test_rdinet_inference.py 2>&1 | tail -15 | tee "$out/tests.txt"
+  timeout 360 python3 -m pytest -q -x tests/test_data_gpu.py tests/test_gpu_sync.py tests/test_graphed_step.py tests/test_trainer_step.py tests/test_rdinet_model.py tests/test_rdinet_srm.py tests/test_rdinet_inference.py 2>&1 | tail -15 | tee "$out/tests.txt"
 fi
 if has train; then
   rm -rf "$scratch/gpu-run"

@@ -14,7 +14,9 @@ compile serves them all):
   flags2   the same with the flags read two steps later instead of one (StepFlags(lag=2)), which
            lets the host run one more step ahead of the GPU;
   loader   + batches from the job's DALI loader instead of one fixed batch;
-  logged   + the trainer's TensorBoard logging every train.log_every steps: the trainer's loop.
+  logged   + the trainer's TensorBoard logging every train.log_every steps: the trainer's loop;
+  graphed  the trainer's loop with train.cuda_graph: the whole step replayed as one CUDA graph
+           (pipeline.graphed_step). On a GPU and with --compile default or none only.
 Each row also gets its host ms per step (the host's loop without the final wait for the GPU:
 close to ms/step when the host is the bottleneck, below it when the GPU is) and the aten ops a
 step dispatches outside the compiled graphs (on any device: host work, and on a GPU launches
@@ -46,9 +48,9 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data import build_loader  # noqa: E402
 from pipeline.data.generate import ensure_generated  # noqa: E402
 from pipeline.distributed import make_accelerator, use_bf16  # noqa: E402
+from pipeline.graphed_step import GraphedStep  # noqa: E402
 from pipeline.schedule import make_scheduler  # noqa: E402
 
-ROWS = ("module", "engine", "flags", "flags2", "loader", "logged")
 
 
 def parse_args(argv=None):
@@ -97,8 +99,9 @@ def build(cfg: dict, run_dir: str):
     return accelerator, engine, optimizer, scheduler, loss_terms, loader, use_bf16(cfg, on_gpu)
 
 
-def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader, bf16, compiled, log=None):
-    """One function per row; `log` is (SummaryWriter, every, mode) for the logged row."""
+def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader, bf16, compiled, log=None,
+                   graph_whole_step=False):
+    """One function per row; `log` is (SummaryWriter, every, mode) for the logged rows."""
     fixed = tuple(t.clone() for t in next(iter(loader)))  # DALI reuses the buffers it handed out
     fixed_batch = lambda: fixed  # noqa: E731
     loader_batch = from_loader(loader)
@@ -119,31 +122,39 @@ def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader
         engine.optimizer.step()
         engine.optimizer.zero_grad(set_to_none=True)
 
-    def trainer_step(source, flags_lag, log=None):
+    def trainer_step(source, flags_lag, log=None, graphed=None):
         flags = trainer.StepFlags(accelerator.device, lag=flags_lag) if flags_lag else None
         done = [0]  # steps
 
         def step():
             images, labels = batch_of(source)
-            if compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            out = engine(images)
-            terms = loss_terms(images, out.logits, out.gates, labels)
+            if graphed is not None:
+                terms, gates = graphed(images, labels)
+            else:
+                if compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = engine(images)
+                terms, gates = loss_terms(images, out.logits, out.gates, labels), out.gates
             if flags is not None:
                 flags.push(False, terms, 0)
-            accelerator.backward(terms["loss"])
-            optimizer.step()
+            if graphed is None:
+                accelerator.backward(terms["loss"])
+                optimizer.step()
+                optimizer.zero_grad()
             scheduler.step()
-            optimizer.zero_grad()
             done[0] += 1
             if log is not None and done[0] % log[1] == 0:
                 writer, _, mode = log
-                trainer._log_train(writer, done[0], terms, out.gates, scheduler, 0.0, mode)
+                trainer._log_train(writer, done[0], terms, gates, scheduler, 0.0, mode)
         return step
 
-    return {"module": module_step, "engine": trainer_step(fixed_batch, 0), "flags": trainer_step(fixed_batch, 1),
+    rows = {"module": module_step, "engine": trainer_step(fixed_batch, 0), "flags": trainer_step(fixed_batch, 1),
             "flags2": trainer_step(fixed_batch, 2), "loader": trainer_step(loader_batch, 1),
             "logged": trainer_step(loader_batch, 1, log)}
+    if device_type == "cuda" and graph_whole_step:
+        graphed = GraphedStep(engine.module, engine.optimizer, loss_terms, *batch_of(fixed_batch), bf16)
+        rows["graphed"] = trainer_step(loader_batch, 1, log, graphed)
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -155,35 +166,37 @@ def main(argv=None) -> dict:
         device = parts[0].device
         writer = SummaryWriter(str(Path(tmp) / "tensorboard"))
         log = (writer, cfg["train"]["log_every"], trainer.stage_mode(cfg, "joint"))
-        steps = step_functions(*parts, compiled=args.compile != "none", log=log)
+        steps = step_functions(*parts, compiled=args.compile != "none", log=log,
+                               graph_whole_step=args.compile in ("none", "default"))
+        rows = list(steps)
         tick = time.perf_counter()
         for step in steps.values():  # compiles once, then warms every row
             for _ in range(3):
                 step()
         warmup_s = time.perf_counter() - tick
         window = Timer(device, warmup=0, iters=args.steps, repeats=1)  # one window per row and round
-        times = {row: [] for row in ROWS}
+        times = {row: [] for row in rows}
         for _ in range(args.rounds):
-            for row in ROWS:
+            for row in rows:
                 times[row].append(1000 * window(steps[row]))
-        result = {row: statistics.median(times[row]) for row in ROWS}
-        host = {row: host_ms_per_step(steps[row], args.steps, device) for row in ROWS}
+        result = {row: statistics.median(times[row]) for row in rows}
+        host = {row: host_ms_per_step(steps[row], args.steps, device) for row in rows}
         profiled = 5  # steps
-        spans = {row: cuda_intervals(steps[row], profiled) for row in ROWS} if device.type == "cuda" else {}
+        spans = {row: cuda_intervals(steps[row], profiled) for row in rows} if device.type == "cuda" else {}
         gpu = {row: sum(end - start for start, end in spans[row]) / profiled / 1000 for row in spans}
         gaps = {row: short_gaps_us(spans[row]) / profiled / 1000 for row in spans}
-        eager = {row: eager_ops_per_call(steps[row]) for row in ROWS}
+        eager = {row: eager_ops_per_call(steps[row]) for row in rows}
         batch = cfg["data"]["batch_size"]
         print(f"{cfg['model']['arch']} {args.mode}, batch {batch}, compile {args.compile}, {device}; "
               f"compile and warm-up {warmup_s:.0f} s")
         print(f"{'row':8s} {'ms/step':>8s} {'img/s':>8s} {'host ms':>8s} {'GPU ms':>8s} {'gaps ms':>8s} "
               f"{'waits ms':>8s} {'eager ops':>9s}")
-        for row in ROWS:
+        for row in rows:
             gpu_cols = (f"{gpu[row]:8.2f} {gaps[row]:8.2f} {result[row] - gpu[row] - gaps[row]:8.2f}" if row in gpu
                         else " ".join(f"{'-':>8s}" for _ in range(3)))
             print(f"{row:8s} {result[row]:8.2f} {batch / result[row] * 1000:8.0f} {host[row]:8.2f} {gpu_cols} "
                   f"{sum(eager[row].values()):9.0f}")
-        for row in ROWS:  # the most frequent first
+        for row in rows:  # the most frequent first
             print(f"eager ops a step, {row}: " + ", ".join(f"{name} {n:g}" for name, n in list(eager[row].items())[:12]))
         from torch._dynamo.utils import counters
         print(f"graphs torch.compile kept out of CUDA graphs: {counters['inductor']['cudagraph_skips']}")

@@ -63,6 +63,10 @@ DEFAULTS = {
         # torch.compile of the training forward (DeepSpeed's engine.compile): none | default |
         # reduce-overhead (CUDA graphs: the routers' many small kernels launch as one) | max-autotune
         "compile": "none",
+        # Capture the whole training step (forward, losses, backward, SGD update) as one CUDA graph
+        # and replay it per batch; compile none or default. One GPU process with ZeRO-0 only:
+        # elsewhere the step runs uncaptured, and the log says so.
+        "cuda_graph": False,
         "checkpoint_every": 500,  # steps; checkpoints are also written at every epoch end
         "keep_checkpoints": 2,
         "log_every": 20,
@@ -173,6 +177,9 @@ def validate(cfg: dict) -> None:
         raise ConfigError("config key 'train.precision' must be one of auto, bf16, fp32")
     if cfg["train"]["compile"] not in COMPILE_MODES:
         raise ConfigError(f"config key 'train.compile' must be one of {', '.join(COMPILE_MODES)}")
+    if cfg["train"]["cuda_graph"] and cfg["train"]["compile"] in ("reduce-overhead", "max-autotune"):
+        raise ConfigError(f"config key 'train.cuda_graph' captures the whole step, which cannot hold train.compile="
+                          f"{cfg['train']['compile']}'s own CUDA graphs: set train.compile=default (or none)")
     if cfg["stages"]["joint"]["mode"] not in ("joint", "full"):
         raise ConfigError("config key 'stages.joint.mode' must be 'joint' (RDI-Net) or 'full' (static ResNet)")
     for stage in STAGES:

@@ -25,6 +25,7 @@ from pipeline.data import build_loader
 from pipeline.data.generate import ensure_generated
 from pipeline.distributed import make_accelerator, use_bf16
 from pipeline.evaluate import evaluate
+from pipeline.graphed_step import GraphedStep
 from pipeline.schedule import make_scheduler, scaled_lr
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: checkpoint written on a signal; the SLURM templates requeue on it
@@ -285,6 +286,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
     if compiled:  # the SRM histograms, rank and cost terms: a few fused kernels instead of ~40
         loss_terms = torch.compile(loss_terms, mode=tcfg["compile"])
     cache_counts = compile_cache_counts() if compiled else None  # logged once, after the epoch that compiled
+    graphed_step, graphed = tcfg["cuda_graph"] and _can_graph_step(accelerator, log, stage), None
     while state["epoch"] < epochs:
         engine.train()
         net.set_mode(mode)
@@ -293,17 +295,23 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
         for images, labels in train_loader:
             if not bf16:
                 images = images.float()
-            if compiled:  # a new step: CUDA graph outputs of the previous one may be overwritten
-                torch.compiler.cudagraph_mark_step_begin()
-            out = engine(images)
-            terms = loss_terms(images, out.logits, out.gates, labels)
-            stop, bad = flags.push(stopper.flag, terms, state["step"] + 1)
+            if graphed_step:  # the update is part of the replay
+                if graphed is None:  # captured here, after any resume has loaded the state
+                    graphed = GraphedStep(net, optimizer.optimizer, loss_terms, images, labels, bf16)
+                terms, gates = graphed(images, labels)
+                stop, bad = flags.push(stopper.flag, terms, state["step"] + 1)
+            else:
+                if compiled:  # a new step: CUDA graph outputs of the previous one may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = engine(images)
+                terms, gates = loss_terms(images, out.logits, out.gates, labels), out.gates
+                stop, bad = flags.push(stopper.flag, terms, state["step"] + 1)
+                accelerator.backward(terms["loss"])
+                optimizer.step()
+                optimizer.zero_grad()
             if bad:
                 _raise_non_finite(stage, bad, ckpt_dir)
-            accelerator.backward(terms["loss"])
-            optimizer.step()
             scheduler.step()
-            optimizer.zero_grad()
             state["step"] += 1
             state["batch_in_epoch"] += 1
             seen += images.shape[0] * world
@@ -311,7 +319,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
                 progress.update(1)
             if writer is not None and state["step"] % tcfg["log_every"] == 0:
                 rate = seen / (time.perf_counter() - tick)
-                _log_train(writer, state["step"], terms, out.gates, scheduler, rate, mode)
+                _log_train(writer, state["step"], terms, gates, scheduler, rate, mode)
                 if progress is not None:
                     progress.set_postfix(loss=f"{float(terms['loss']):.3f}", img_s=f"{rate:.0f}")
             requeue = stop or state["step"] == tcfg["stop_at_step"]
@@ -361,6 +369,16 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
         writer.close()
     accelerator.wait_for_everyone()
     return 0
+
+
+def _can_graph_step(accelerator, log, stage: str) -> bool:
+    """train.cuda_graph applies to one GPU process with ZeRO-0 (see pipeline.graphed_step)."""
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage
+    why_not = ("no GPU" if accelerator.device.type != "cuda" else
+               f"{accelerator.num_processes} processes (it captures one)" if accelerator.num_processes > 1 else
+               f"ZeRO-{zero_stage} (it needs ZeRO-0)" if zero_stage != 0 else None)
+    log(f"{stage}: train.cuda_graph: " + (f"not captured: {why_not}" if why_not else "the step is one CUDA graph"))
+    return why_not is None
 
 
 def compile_cache_counts() -> tuple[int, int]:

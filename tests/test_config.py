@@ -62,6 +62,12 @@ def test_bad_overrides_name_the_key(override, needle):
         load_config(None, [override])
 
 
+def test_whole_step_cuda_graph_refuses_compiles_with_their_own_graphs():
+    assert load_config(None, ["train.cuda_graph=true", "train.compile=default"])["train"]["cuda_graph"]
+    with pytest.raises(ConfigError, match="train.compile=default"):
+        load_config(None, ["train.cuda_graph=true", "train.compile=reduce-overhead"])
+
+
 def test_unknown_job_file_lists_the_shipped_jobs(tmp_path):
     with pytest.raises(ConfigError, match="cifar10_r110"):
         load_config(tmp_path / "nope.yaml", [])

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -72,6 +73,10 @@ def test_two_process_deepspeed_run_completes_both_stages(reference):
     assert 0 < manifest(run, "joint")["metrics"]["ratio"] <= 1.0 + 1e-6
     assert list((run / "tensorboard" / "joint").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file()
+    # the lr schedule counts each rank's steps once (accelerate's default steps it once per process)
+    for stage in ("warmup", "joint"):
+        last = max((run / stage / "checkpoints").glob("step-*"))
+        assert torch.load(last / "scheduler.bin")["last_epoch"] == manifest(run, stage)["steps"], stage
 
 
 def test_rerunning_a_complete_run_does_nothing(reference, data_dir):
@@ -98,13 +103,15 @@ def test_interrupted_run_resumes_to_identical_weights(reference, data_dir, tmp_p
 
 def test_zero0_run_stopped_mid_epoch_resumes_to_identical_weights(data_dir, tmp_path):
     """The CIFAR jobs' engine, on one process: ZeRO-0, channels_last weights, and the torch SGD's
-    momentum restored from the checkpoint into them."""
-    zero0 = "train.deepspeed_config=jobs/deepspeed/zero0.json"
+    momentum restored from the checkpoint into them. train.cuda_graph, on: without a GPU it
+    says so and trains uncaptured."""
+    zero0 = ("train.deepspeed_config=jobs/deepspeed/zero0.json", "train.cuda_graph=true")
     whole, run = tmp_path / "whole", tmp_path / "resumed"
-    train(whole, data_dir, zero0, processes=1, check=0)
-    stopped = train(run, data_dir, zero0, "train.stop_at_step=3", processes=1)  # warm-up has 5 steps here
+    proc = train(whole, data_dir, *zero0, processes=1, check=0)
+    assert "joint: train.cuda_graph: not captured: no GPU" in proc.stdout + proc.stderr
+    stopped = train(run, data_dir, *zero0, "train.stop_at_step=3", processes=1)  # warm-up has 5 steps here
     assert "exiting for requeue" in stopped.stdout + stopped.stderr, stopped.stderr[-3000:]
-    resumed = train(run, data_dir, zero0, processes=1, check=0)
+    resumed = train(run, data_dir, *zero0, processes=1, check=0)
     assert "warmup: resumed from" in resumed.stdout + resumed.stderr  # not started over
     for stage in ("warmup", "joint"):
         assert manifest(run, stage)["weights_sha256"] == manifest(whole, stage)["weights_sha256"], stage
