@@ -52,7 +52,6 @@ from pipeline.graphed_step import GraphedStep  # noqa: E402
 from pipeline.schedule import make_scheduler  # noqa: E402
 
 
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", default="jobs/cifar10_r110.yaml")
