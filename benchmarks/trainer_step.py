@@ -139,8 +139,8 @@ def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader
             if graphed is None:
                 accelerator.backward(terms["loss"])
                 optimizer.step()
-                optimizer.zero_grad()
             scheduler.step()
+            optimizer.zero_grad()
             done[0] += 1
             if log is not None and done[0] % log[1] == 0:
                 writer, _, mode = log

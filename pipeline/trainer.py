@@ -299,19 +299,19 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
                 if graphed is None:  # captured here, after any resume has loaded the state
                     graphed = GraphedStep(net, optimizer.optimizer, loss_terms, images, labels, bf16)
                 terms, gates = graphed(images, labels)
-                stop, bad = flags.push(stopper.flag, terms, state["step"] + 1)
             else:
                 if compiled:  # a new step: CUDA graph outputs of the previous one may be overwritten
                     torch.compiler.cudagraph_mark_step_begin()
                 out = engine(images)
                 terms, gates = loss_terms(images, out.logits, out.gates, labels), out.gates
-                stop, bad = flags.push(stopper.flag, terms, state["step"] + 1)
-                accelerator.backward(terms["loss"])
-                optimizer.step()
-                optimizer.zero_grad()
+            stop, bad = flags.push(stopper.flag, terms, state["step"] + 1)
             if bad:
                 _raise_non_finite(stage, bad, ckpt_dir)
+            if not graphed_step:
+                accelerator.backward(terms["loss"])
+                optimizer.step()
             scheduler.step()
+            optimizer.zero_grad()
             state["step"] += 1
             state["batch_in_epoch"] += 1
             seen += images.shape[0] * world
