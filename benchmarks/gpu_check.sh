@@ -22,9 +22,10 @@ if has train; then
   timeout 120 python3 -m pipeline.evaluate --run-dir "$scratch/gpu-run/run" 2>&1 | tail -3 | tee -a "$out/train.txt"
 fi
 if has databench; then
-  for compile in none reduce-overhead; do  # eager, and CUDA graphs as the CIFAR jobs train
+  # eager, CUDA graphs of the forward and backward, and the whole step as one graph (as the CIFAR jobs train)
+  for variant in "--compile none" "--compile reduce-overhead" "--cuda-graph"; do
     timeout 300 python3 -m pipeline.data.bench --dataset cifar10 --device cuda --image-count 50000 \
-      --root "$scratch/databench-cifar" --compile $compile 2>&1 | tail -6 | tee -a "$out/databench_cifar.txt"
+      --root "$scratch/databench-cifar" $variant 2>&1 | tail -6 | tee -a "$out/databench_cifar.txt"
   done
   timeout 300 python3 -m pipeline.data.bench --dataset imagenet --device cuda 2>&1 | tail -6 | tee "$out/databench_imagenet.txt"
 fi

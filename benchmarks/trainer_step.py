@@ -64,8 +64,9 @@ def parse_args(argv=None):
 
 
 def job_config(args, root: Path) -> dict:
-    overrides = [f"stages.joint.mode={args.mode}", f"train.compile={args.compile}", "data.generate=true",
-                 f"data.root={root}", "train.progress=false"]
+    # The rows build their steps themselves; the job's train.cuda_graph would refuse reduce-overhead.
+    overrides = [f"stages.joint.mode={args.mode}", f"train.compile={args.compile}", "train.cuda_graph=false",
+                 "data.generate=true", f"data.root={root}", "train.progress=false"]
     if args.tiny:
         overrides += ["model.arch=resnet20", "data.batch_size=8", "data.generated_size=8", "train.log_every=2",
                       "data.generated_val_size=2", "data.num_threads=1"]

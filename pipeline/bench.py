@@ -28,6 +28,8 @@ import rdinet
 from rdinet import inference, kernels, model_cost, srm
 from rdinet.losses import total_loss
 
+from .graphed_step import GraphedStep
+
 ARCHS = {"resnet50": (224, 1000), "resnet110": (32, 10)}
 RATES = (1.0, 0.65, 0.5, 0.3)
 SKIP_BUCKETS = (1, 32)  # real-skipping rows: exact sample counts, and rounded up to multiples of 32
@@ -131,24 +133,36 @@ def make_training_model(arch: str, classes: int, mode: str, device):
     return model
 
 
-def train_step_fn(model, batch_source, bf16: bool, mean, std, joint: bool):
+def train_step_fn(model, batch_source, bf16: bool, mean, std, joint: bool, cuda_graph: bool = False):
+    """One training step per call: SGD on the classification loss (static) or eq. 16 (joint).
+    With cuda_graph the whole step is captured on the first batch and replayed (GraphedStep, as
+    train.cuda_graph trains), with the fused SGD that a replay needs."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4, fused=cuda_graph or None)
     device_type = next(model.parameters()).device.type
+
+    def loss_terms(images, logits, gates, labels):
+        if not joint:
+            return {"loss": F.cross_entropy(logits.float(), labels)}
+        hist = srm.color_histograms(images, bins=16, mean=mean, std=std)
+        return total_loss(logits.float(), labels, gates.float(), hist, t=0.5, alpha=0.2)
 
     def step():
         images, labels = batch_source()
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             out = model(images)
-        if joint:
-            hist = srm.color_histograms(images, bins=16, mean=mean, std=std)
-            loss = total_loss(out.logits.float(), labels, out.gates.float(), hist, t=0.5, alpha=0.2)["loss"]
-        else:
-            loss = F.cross_entropy(out.logits.float(), labels)
-        loss.backward()
+        loss_terms(images, out.logits, out.gates, labels)["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step
+
+    captured = []
+
+    def graphed_step():
+        images, labels = batch_source()
+        if not captured:
+            captured.append(GraphedStep(model, opt, loss_terms, images, labels, bf16))
+        captured[0](images, labels)
+    return graphed_step if cuda_graph else step
 
 
 def synthetic(batch: int, size: int, classes: int, device):
@@ -175,8 +189,10 @@ def generated_loader(arch: str, batch: int, device, tmp: Path, tiny: bool):
     from pipeline.data.generate import ensure_generated
     size, classes = ARCHS[arch]
     dataset = "imagenet" if size == 224 else "cifar10"
+    # 2 * batch per class: 20 full batches an epoch of 10 classes, none dropped, so the timing sees
+    # few epoch ends (a real ImageNet epoch has 5,005 batches)
     cfg = {"dataset": dataset, "root": str(tmp / dataset), "generate": True, "batch_size": batch,
-           "generated_size": 4 if tiny else max(64, 4 * batch // 10), "generated_val_size": 2,
+           "generated_size": 4 if tiny else 2 * batch, "generated_classes": 10, "generated_val_size": 2,
            "num_threads": 2 if tiny else 12, "dtype": "bfloat16" if device.type == "cuda" else "float32",
            "device": "gpu" if device.type == "cuda" else "cpu", "image_size": 224 if not tiny else 64}
     if dataset == "imagenet":
@@ -197,15 +213,17 @@ def _workload(arch, batch, device, tiny):
     return size, classes, device.type == "cuda", synthetic(batch, size, classes, device)
 
 
-def bench_compiled_training(arch, batch, device, timer, tiny, compile_mode: str = "default") -> dict:
-    """torch.compile on the training forward (shapes are static in training: soft gates blend)."""
+def bench_compiled_training(arch, batch, device, timer, tiny, compile_mode: str = "default",
+                            cuda_graph: bool = False) -> dict:
+    """torch.compile on the training forward (shapes are static in training: soft gates blend);
+    with cuda_graph the whole compiled step is captured (train_step_fn)."""
     size, classes, bf16, data = _workload(arch, batch, device, tiny)
     result = {}
     for mode in ("full", "joint"):
         model = make_training_model(arch, classes, mode, device)
         model.compile(mode=compile_mode)
         tick = time.perf_counter()
-        step = train_step_fn(model, data, bf16, MEAN, STD, joint=mode == "joint")
+        step = train_step_fn(model, data, bf16, MEAN, STD, joint=mode == "joint", cuda_graph=cuda_graph)
         step()
         result[f"{mode}_compile_s"] = time.perf_counter() - tick
         result[f"{'static' if mode == 'full' else 'rdinet'}_compiled"] = batch / timer(step)
@@ -213,23 +231,28 @@ def bench_compiled_training(arch, batch, device, timer, tiny, compile_mode: str 
     return result
 
 
-def bench_training(arch, batch, device, timer, tiny, tmp) -> dict:
+def bench_training(arch, batch, device, timer, tiny, tmp, cuda_graph: bool = False) -> dict:
+    """Static and joint training on synthetic data, and joint training fed by the DALI loader;
+    with cuda_graph each step is one captured CUDA graph (train_step_fn)."""
     size, classes, bf16, data = _workload(arch, batch, device, tiny)
     static = make_training_model(arch, classes, "full", device)
-    result = {"static_synthetic": batch / timer(train_step_fn(static, data, bf16, MEAN, STD, joint=False))}
+    result = {"cuda_graph": cuda_graph, "static_synthetic": batch / timer(
+        train_step_fn(static, data, bf16, MEAN, STD, joint=False, cuda_graph=cuda_graph))}
     del static
     joint = make_training_model(arch, classes, "joint", device)
-    joint_step = train_step_fn(joint, data, bf16, MEAN, STD, joint=True)
+    joint_step = train_step_fn(joint, data, bf16, MEAN, STD, joint=True, cuda_graph=cuda_graph)
     result["rdinet_synthetic"] = batch / timer(joint_step)
     if device.type == "cuda":  # what the SRM's GPU work is measured against
         result["rdinet_gpu_ms_per_step"] = gpu_ms_per_call(joint_step, calls=3)
+    del joint_step  # and its captured graph's memory
     try:
         loader = generated_loader(arch, batch, device, tmp, tiny)
     except ImportError as err:  # DALI missing on this machine
         result["rdinet_dali"] = None
         result["dali_error"] = str(err)
     else:
-        step = train_step_fn(joint, from_loader(loader), bf16, loader.mean, loader.std, joint=True)
+        step = train_step_fn(joint, from_loader(loader), bf16, loader.mean, loader.std, joint=True,
+                             cuda_graph=cuda_graph)
         result["rdinet_dali"] = batch / timer(step)
     result["ratio_joint_vs_static"] = result["rdinet_synthetic"] / result["static_synthetic"]
     if result["rdinet_dali"]:
@@ -332,6 +355,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", nargs="*", default=[], choices=list(ARCHS),
                         help="also time torch.compile'd training for these archs")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="training rows: capture each whole step (forward, losses, backward, fused SGD) "
+                             "as one CUDA graph and replay it, as train.cuda_graph trains (GPU)")
     parser.add_argument("--skip-buckets", type=int, nargs="+", default=list(SKIP_BUCKETS),
                         help="real skipping rounds each block's sample count up to a multiple of these "
                              "(model.skip_bucket; 1: exact counts); one row per value")
@@ -341,6 +367,11 @@ def main(argv=None) -> int:
                         help="the frozen net (rdinet.inference) pads its 3x3 convolutions' batch to multiples of these")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.cuda_graph and torch.device(args.device).type != "cuda":
+        parser.error("--cuda-graph captures CUDA graphs: it needs a CUDA --device")
+    if args.cuda_graph and args.compile and args.compile_mode != "default":
+        parser.error(f"--cuda-graph with --compile-mode {args.compile_mode}: its own CUDA graphs cannot be "
+                     "captured inside the step's; use --compile-mode default")
     for option, values in (("--skip-buckets", args.skip_buckets), ("--frozen-buckets", args.frozen_buckets)):
         if min(values) < 1:
             parser.error(f"{option} {values}: each bucket must be an integer >= 1")
@@ -354,10 +385,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs:
             if not args.skip_train:
-                results["train"][arch] = bench_training(arch, batch, device, timer, args.tiny, Path(tmp))
+                results["train"][arch] = bench_training(arch, batch, device, timer, args.tiny, Path(tmp),
+                                                        args.cuda_graph)
             if arch in args.compile:
-                results["train"].setdefault(arch, {}).update(bench_compiled_training(arch, batch, device, timer, args.tiny,
-                                                                                        args.compile_mode))
+                results["train"].setdefault(arch, {}).update(bench_compiled_training(
+                    arch, batch, device, timer, args.tiny, args.compile_mode, args.cuda_graph))
             if not args.skip_inference:
                 results["inference"][arch] = {
                     f"batch{b}": bench_inference(arch, b, device, timer, args.tiny, args.skip_buckets, args.frozen_buckets,
@@ -380,7 +412,8 @@ def print_table(results: dict) -> None:
                   f"({r['ratio_joint_vs_static_compiled']:.2f}x) | compile {r['full_compile_s']:.0f}+{r['joint_compile_s']:.0f} s")
         if "static_synthetic" not in r:
             continue
-        print(f"train {arch}: static {r['static_synthetic']:.0f} img/s | rdinet {r['rdinet_synthetic']:.0f} "
+        graphed = ", each step one CUDA graph" if r.get("cuda_graph") else ""
+        print(f"train {arch}{graphed}: static {r['static_synthetic']:.0f} img/s | rdinet {r['rdinet_synthetic']:.0f} "
               f"({r['ratio_joint_vs_static']:.2f}x) | rdinet+dali "
               + (f"{r['rdinet_dali']:.0f} ({r['ratio_dali_vs_synthetic']:.2f}x of synthetic)" if r["rdinet_dali"] else "n/a"))
     for arch, by_batch in results["inference"].items():

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,6 +27,26 @@ def test_bench_tiny_writes_every_figure(tmp_path):
     assert "infer resnet110 batch8" in proc.stdout
 
 
+def test_cuda_graph_training_rows_need_a_gpu(capsys):
+    from pipeline.bench import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--cuda-graph", "--tiny"])
+    assert exit_info.value.code == 2 and "needs a CUDA --device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_rows_with_each_step_one_cuda_graph(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--tiny", "--device", "cuda", "--archs", "resnet110",
+                           "--skip-inference", "--cuda-graph", "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = json.loads(out.read_text())["train"]["resnet110"]
+    assert train["cuda_graph"] and train["static_synthetic"] > 0 and train["rdinet_synthetic"] > 0
+    assert train["rdinet_dali"] > 0 and train["rdinet_gpu_ms_per_step"] > 0
+    assert "each step one CUDA graph" in proc.stdout
+
+
 def test_trainer_step_bench_times_every_row_of_the_trainers_step(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/trainer_step.py", "--tiny", "--compile", "none", "--steps", "2",
                            "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -42,6 +63,18 @@ def test_trainer_step_bench_times_every_row_of_the_trainers_step(tmp_path):
     # copies, the logging (every 2 steps in --tiny) its reductions and copies to the host
     assert 0 < eager["module"] < eager["engine"] < eager["flags"] <= eager["loader"] < eager["logged"], eager
     assert "graphs torch.compile kept out of CUDA graphs: 0" in proc.stdout
+
+
+def test_trainer_step_bench_takes_reduce_overhead_with_a_job_that_captures_its_step(tmp_path):
+    # jobs/cifar10_r110.yaml sets train.cuda_graph, which the config refuses with reduce-overhead;
+    # the benchmark's rows build their own steps, so it turns the key off
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import trainer_step
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    cfg = trainer_step.job_config(trainer_step.parse_args(["--compile", "reduce-overhead"]), tmp_path)
+    assert cfg["train"]["compile"] == "reduce-overhead" and cfg["train"]["cuda_graph"] is False
 
 
 def test_short_gaps_count_only_the_idle_time_between_nearby_gpu_operations():

@@ -22,9 +22,12 @@ import os
 import statistics
 import tempfile
 import time
+import types
 
 import torch
+import torch.nn.functional as F
 
+from ..graphed_step import GraphedStep
 from . import build_loader
 from .generate import ensure_generated
 
@@ -39,6 +42,22 @@ def _model(dataset: str) -> torch.nn.Module:
     model = rdinet.create_model("resnet32", num_classes=10)
     model.set_mode("full")  # the static ResNet: every block runs
     return model
+
+
+class _Outputs(torch.nn.Module):
+    """torchvision's ResNet returns its logits; GraphedStep reads .logits and .gates, as RDI-Net
+    returns them."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images):
+        return types.SimpleNamespace(logits=self.net(images), gates=None)
+
+
+def _cross_entropy(images, logits, gates, labels):
+    return {"loss": F.cross_entropy(logits.float(), labels)}
 
 
 def _batches(loader, count: int):
@@ -81,14 +100,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches-per-run", type=int, default=0,
                         help="CIFAR: batches per DALI iteration (data.batches_per_run; 0: automatic)")
     parser.add_argument("--compile", choices=("none", "default", "reduce-overhead"), default="none",
-                        help="torch.compile the network (reduce-overhead: CUDA graphs, as the CIFAR jobs "
-                             "train); the loss, backward and SGD step stay eager")
+                        help="torch.compile the network (reduce-overhead: CUDA graphs of the forward and "
+                             "the backward); the loss and SGD step stay eager unless --cuda-graph")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture the whole step (forward, loss, backward, fused SGD) as one CUDA graph "
+                             "and replay it, as train.cuda_graph does (GPU; --compile none or default)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                         help="bf16 autocast and bf16 batches (default on cuda) or fp32 (default on cpu, "
                              "where bf16 is emulated and slow)")
     parser.add_argument("--root", help="where the generated data is written (kept); default: a temp folder. "
                         "A real dataset already there is used as it is")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.cuda_graph and args.device != "cuda":
+        parser.error("--cuda-graph captures CUDA graphs: it needs --device cuda")
+    if args.cuda_graph and args.compile == "reduce-overhead":
+        parser.error("--cuda-graph with --compile reduce-overhead: its own CUDA graphs cannot be captured "
+                     "inside the step's; use --compile default or none")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,21 +140,35 @@ def main(argv: list[str] | None = None) -> dict:
     loader = build_loader(data_cfg, "train", device_id=(device.index or 0) if cuda else None)
 
     model = _model(args.dataset).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # The captured step replays the fused SGD (one kernel launch per tensor list, no host work).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=args.cuda_graph or None)
 
     forward = model if args.compile == "none" else torch.compile(model, mode=args.compile)
 
+    def eager_step(images, labels):
+        if args.compile == "reduce-overhead":  # a new step: the graph's previous outputs may go
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = forward(images)
+            logits = out.logits if hasattr(out, "logits") else out  # rdinet returns RDIOutput
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    captured = []  # the step as one CUDA graph, captured on the first batch; fed and synthetic share it
+
+    def graphed_step(images, labels):
+        if not captured:
+            net = forward if args.dataset == "cifar10" else _Outputs(forward)
+            captured.append(GraphedStep(net, optimizer, _cross_entropy, images, labels, bf16))
+        captured[0](images, labels)
+
+    step = graphed_step if args.cuda_graph else eager_step
+
     def train(batches):
         for images, labels in batches:
-            if args.compile == "reduce-overhead":  # a new step: the graph's previous outputs may go
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = forward(images)
-                logits = out.logits if hasattr(out, "logits") else out  # rdinet returns RDIOutput
-                loss = torch.nn.functional.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step(images, labels)
 
     def consume(steps):
         for _ in _batches(loader, steps):
@@ -152,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"{args.dataset} ({loader.num_samples} images in {data_cfg['root']}), batch {args.batch_size}, {name}, "
           f"DALI {'gpu' if cuda else 'cpu'} with {args.num_threads} threads, {'bf16' if bf16 else 'fp32'}, "
-          f"compile {args.compile}")
+          f"compile {args.compile}" + (", the step as one CUDA graph" if args.cuda_graph else ""))
     print(f"loader only:              {result['loader_img_s']:10.1f} img/s")
     print(f"training, loader-fed:     {result['train_loader_img_s']:10.1f} img/s (median)")
     print(f"training, synthetic data: {result['train_synthetic_img_s']:10.1f} img/s (median)")
