@@ -3,7 +3,8 @@
     python -m pipeline.bench [--device cuda] [--out benchmarks/results/NAME.json]
 
 1. training img/s: static backbone on synthetic data (baseline), RDI-Net joint mode on synthetic
-   data (router + SRM overhead), RDI-Net fed by the DALI loader (loader overhead);
+   data (router + SRM overhead), RDI-Net fed by the DALI loader (loader overhead); with
+   --cuda-graph each step is captured once and replayed (pipeline.graphed_step);
 2. inference img/s at batch 256 and 1: static vs RDI-Net with real skipping at execution rates
    1.0, 0.65, 0.5, 0.3 (random decisions), next to the cost ratio;
 3. SRM histogram + rank loss time per batch.

@@ -2,12 +2,14 @@
 
     python -m pipeline.data.bench --dataset imagenet --device cuda        # ResNet-50, 224 px
     python -m pipeline.data.bench --dataset cifar10 --device cuda         # CIFAR ResNet-32
+    python -m pipeline.data.bench --dataset cifar10 --device cuda --cuda-graph   # each step one CUDA graph
     python -m pipeline.data.bench --dataset imagenet --device cpu --batch-size 4 --steps 2 \
         --image-count 16 --image-size 64                             # seconds, for tests
 
 Data: a generated dataset in the real layout (ImageNet-like JPEGs of about --image-px pixels,
 or CIFAR pickles), written to --root (a temporary folder by default). Training: bf16 autocast
-(fp32 on the CPU by default), channels_last, SGD, cross-entropy. Each figure is images per second
+(fp32 on the CPU by default), channels_last, SGD, cross-entropy; with --cuda-graph the whole step
+is captured once and replayed (pipeline.graphed_step, as train.cuda_graph trains). Each figure is images per second
 over --steps steps after --warmup untimed ones; the two training figures are timed --rounds times,
 interleaved, and the medians are reported (the fed fraction is the median of the rounds' ratios).
 The last line is `RESULT {json}` for scripts.
