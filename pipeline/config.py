@@ -80,6 +80,7 @@ DEFAULTS = {
 
 STAGES = ("warmup", "joint")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # make CUDA graphs of their own, which cannot nest
 
 
 def _parse_value(text: str):
@@ -177,7 +178,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError("config key 'train.precision' must be one of auto, bf16, fp32")
     if cfg["train"]["compile"] not in COMPILE_MODES:
         raise ConfigError(f"config key 'train.compile' must be one of {', '.join(COMPILE_MODES)}")
-    if cfg["train"]["cuda_graph"] and cfg["train"]["compile"] in ("reduce-overhead", "max-autotune"):
+    if cfg["train"]["cuda_graph"] and cfg["train"]["compile"] in GRAPHED_COMPILE_MODES:
         raise ConfigError(f"config key 'train.cuda_graph' captures the whole step, which cannot hold train.compile="
                           f"{cfg['train']['compile']}'s own CUDA graphs: set train.compile=default (or none)")
     if cfg["stages"]["joint"]["mode"] not in ("joint", "full"):

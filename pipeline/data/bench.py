@@ -29,6 +29,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ..config import GRAPHED_COMPILE_MODES
 from ..graphed_step import GraphedStep
 from . import build_loader
 from .generate import ensure_generated
@@ -47,8 +48,8 @@ def _model(dataset: str) -> torch.nn.Module:
 
 
 class _Outputs(torch.nn.Module):
-    """torchvision's ResNet returns its logits; GraphedStep reads .logits and .gates, as RDI-Net
-    returns them."""
+    """torchvision's ResNet returns its logits; both steps read .logits (GraphedStep also .gates), as
+    RDI-Net returns them."""
 
     def __init__(self, net: torch.nn.Module):
         super().__init__()
@@ -115,8 +116,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cuda_graph and args.device != "cuda":
         parser.error("--cuda-graph captures CUDA graphs: it needs --device cuda")
-    if args.cuda_graph and args.compile == "reduce-overhead":
-        parser.error("--cuda-graph with --compile reduce-overhead: its own CUDA graphs cannot be captured "
+    if args.cuda_graph and args.compile in GRAPHED_COMPILE_MODES:
+        parser.error(f"--cuda-graph with --compile {args.compile}: its own CUDA graphs cannot be captured "
                      "inside the step's; use --compile default or none")
     return args
 
@@ -146,14 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=args.cuda_graph or None)
 
     forward = model if args.compile == "none" else torch.compile(model, mode=args.compile)
+    net = forward if args.dataset == "cifar10" else _Outputs(forward)  # .logits, as rdinet's RDIOutput
 
     def eager_step(images, labels):
         if args.compile == "reduce-overhead":  # a new step: the graph's previous outputs may go
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = forward(images)
-            logits = out.logits if hasattr(out, "logits") else out  # rdinet returns RDIOutput
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(net(images).logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -162,7 +162,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     def graphed_step(images, labels):
         if not captured:
-            net = forward if args.dataset == "cifar10" else _Outputs(forward)
             captured.append(GraphedStep(net, optimizer, _cross_entropy, images, labels, bf16))
         captured[0](images, labels)
 
