@@ -27,7 +27,11 @@ if has databench; then
     timeout 300 python3 -m pipeline.data.bench --dataset cifar10 --device cuda --image-count 50000 \
       --root "$scratch/databench-cifar" $variant 2>&1 | tail -6 | tee -a "$out/databench_cifar.txt"
   done
-  timeout 300 python3 -m pipeline.data.bench --dataset imagenet --device cuda 2>&1 | tail -6 | tee "$out/databench_imagenet.txt"
+  # JPEGs decoded on the GPU, then on DALI's CPU threads with the whole step as one graph
+  for variant in "--decode-device mixed" "--decode-device cpu --cuda-graph"; do
+    timeout 300 python3 -m pipeline.data.bench --dataset imagenet --device cuda --root "$scratch/databench-imagenet" \
+      $variant 2>&1 | tail -6 | tee -a "$out/databench_imagenet.txt"
+  done
 fi
 if has bench; then
   timeout 400 python3 -m pipeline.bench --device cuda --out "$out/bench.json" 2>&1 | grep -v -i warn | tail -20 | tee "$out/bench.txt"

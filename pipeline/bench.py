@@ -73,15 +73,21 @@ def gpu_ms_per_call(fn, calls: int = 10) -> float:
 
 def cuda_intervals(fn, calls: int) -> list[tuple[float, float]]:
     """(start, end) in us of every CUDA kernel, copy and fill that `calls` calls of `fn` run."""
+    return [(e.time_range.start, e.time_range.end) for e in cuda_events(fn, calls)]
+
+
+def cuda_events(fn, calls: int, warmup: int = 1) -> list:
+    """torch.profiler's events of every CUDA kernel, copy and fill that `calls` calls of `fn` run
+    (.time_range in us, .device_resource_id the stream), after `warmup` unprofiled calls."""
     from torch.profiler import ProfilerActivity, profile
-    fn()
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return [(e.time_range.start, e.time_range.end) for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def short_gaps_us(intervals, below_us: float = 20.0) -> float:
@@ -186,7 +192,7 @@ def from_loader(loader):
     return next_batch
 
 
-def generated_loader(arch: str, batch: int, device, tmp: Path, tiny: bool):
+def generated_loader(arch: str, batch: int, device, tmp: Path, tiny: bool, decode_device: str = "mixed"):
     from pipeline.data import build_loader
     from pipeline.data.generate import ensure_generated
     size, classes = ARCHS[arch]
@@ -196,7 +202,8 @@ def generated_loader(arch: str, batch: int, device, tmp: Path, tiny: bool):
     cfg = {"dataset": dataset, "root": str(tmp / dataset), "generate": True, "batch_size": batch,
            "generated_size": 4 if tiny else 2 * batch, "generated_classes": 10, "generated_val_size": 2,
            "num_threads": 2 if tiny else 12, "dtype": "bfloat16" if device.type == "cuda" else "float32",
-           "device": "gpu" if device.type == "cuda" else "cpu", "image_size": 224 if not tiny else 64}
+           "device": "gpu" if device.type == "cuda" else "cpu", "image_size": 224 if not tiny else 64,
+           "decode_device": decode_device}
     if dataset == "imagenet":
         cfg["generated_image_px"] = 64 if tiny else 400
     ensure_generated(cfg)
@@ -233,6 +240,20 @@ def bench_compiled_training(arch, batch, device, timer, tiny, compile_mode: str 
     return result
 
 
+def dali_rows(arch: str, device) -> list[tuple[str, str]]:
+    """(result key, data.decode_device) of the DALI-fed rows: on a GPU, ImageNet's JPEGs are
+    decoded by the GPU ("mixed") in one row and by DALI's CPU threads in the other."""
+    rows = [("rdinet_dali", "mixed")]
+    if ARCHS[arch][0] == 224 and device.type == "cuda":
+        rows.append(("rdinet_dali_cpu_decode", "cpu"))
+    return rows
+
+
+def _ratio_key(key: str) -> str:
+    """rdinet_dali -> ratio_dali_vs_synthetic: a fed row's share of the synthetic-data speed."""
+    return f"ratio_{key.removeprefix('rdinet_')}_vs_synthetic"
+
+
 def bench_training(arch, batch, device, timer, tiny, tmp, cuda_graph: bool = False) -> dict:
     """Static and joint training on synthetic data, and joint training fed by the DALI loader;
     with cuda_graph each step is one captured CUDA graph (train_step_fn)."""
@@ -247,18 +268,19 @@ def bench_training(arch, batch, device, timer, tiny, tmp, cuda_graph: bool = Fal
     if device.type == "cuda":  # what the SRM's GPU work is measured against
         result["rdinet_gpu_ms_per_step"] = gpu_ms_per_call(joint_step, calls=3)
     del joint_step  # and its captured graph's memory
-    try:
-        loader = generated_loader(arch, batch, device, tmp, tiny)
-    except ImportError as err:  # DALI missing on this machine
-        result["rdinet_dali"] = None
-        result["dali_error"] = str(err)
-    else:
+    for key, decode_device in dali_rows(arch, device):
+        try:
+            loader = generated_loader(arch, batch, device, tmp, tiny, decode_device)
+        except ImportError as err:  # DALI missing on this machine
+            result[key] = None
+            result["dali_error"] = str(err)
+            continue
         step = train_step_fn(joint, from_loader(loader), bf16, loader.mean, loader.std, joint=True,
                              cuda_graph=cuda_graph)
-        result["rdinet_dali"] = batch / timer(step)
+        result[key] = batch / timer(step)
+        result[_ratio_key(key)] = result[key] / result["rdinet_synthetic"]
+        del step, loader
     result["ratio_joint_vs_static"] = result["rdinet_synthetic"] / result["static_synthetic"]
-    if result["rdinet_dali"]:
-        result["ratio_dali_vs_synthetic"] = result["rdinet_dali"] / result["rdinet_synthetic"]
     return result
 
 
@@ -415,9 +437,11 @@ def print_table(results: dict) -> None:
         if "static_synthetic" not in r:
             continue
         graphed = ", each step one CUDA graph" if r.get("cuda_graph") else ""
+        fed = [f"{label} " + (f"{r[key]:.0f} ({r[_ratio_key(key)]:.2f}x of synthetic)" if r[key] else "n/a")
+               for key, label in (("rdinet_dali", "rdinet+dali"), ("rdinet_dali_cpu_decode", "rdinet+dali, CPU decoding"))
+               if key in r]
         print(f"train {arch}{graphed}: static {r['static_synthetic']:.0f} img/s | rdinet {r['rdinet_synthetic']:.0f} "
-              f"({r['ratio_joint_vs_static']:.2f}x) | rdinet+dali "
-              + (f"{r['rdinet_dali']:.0f} ({r['ratio_dali_vs_synthetic']:.2f}x of synthetic)" if r["rdinet_dali"] else "n/a"))
+              f"({r['ratio_joint_vs_static']:.2f}x) | " + " | ".join(fed))
     for arch, by_batch in results["inference"].items():
         for b, rows in by_batch.items():
             print(f"infer {arch} {b}: img/s (speedup vs eager static, vs frozen static; cost ratio)")

@@ -85,3 +85,14 @@ def test_short_gaps_count_only_the_idle_time_between_nearby_gpu_operations():
     assert short_gaps_us(spans, below_us=100.0) == 82.0  # both gaps, counted directly: 17-15 + 100-20
     assert short_gaps_us([(0.0, 30.0), (1.0, 2.0), (31.0, 40.0)]) == 1.0  # a kernel inside another's span
     assert short_gaps_us([]) == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fed_timeline_reports_every_feed():
+    proc = subprocess.run([sys.executable, "benchmarks/fed_timeline.py", "--tiny", "--steps", "2", "--cuda-graph"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
+    for feed in ("synthetic", "dali_mixed", "dali_cpu"):
+        assert "ms/step" in rows[feed] and "other streams" in rows[feed]
+    assert "dali_cpu" in rows["img/s:"]

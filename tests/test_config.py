@@ -89,3 +89,12 @@ def test_lr_schedule_steps_and_warmup():
     assert lr_factor(4, spe, [], 0.1, 1.0) == pytest.approx(0.5)  # half way through a 1-epoch warm-up
     assert scaled_lr({"lr": 0.1, "reference_batch": 256}, 1024) == pytest.approx(0.4)
     assert scaled_lr({"lr": 0.1, "reference_batch": 0}, 1024) == 0.1
+
+
+def test_the_captured_step_hint_applies_to_jpegs_decoded_on_the_gpu():
+    from pipeline.trainer import _decodes_jpegs_on_gpu
+    imagenet = {"dataset": "imagenet", "root": "/data"}
+    assert _decodes_jpegs_on_gpu(imagenet) and _decodes_jpegs_on_gpu({**imagenet, "device": "gpu"})
+    assert not _decodes_jpegs_on_gpu({**imagenet, "decode_device": "cpu"})
+    assert not _decodes_jpegs_on_gpu({**imagenet, "device": "cpu"})
+    assert not _decodes_jpegs_on_gpu({"dataset": "cifar10", "root": "/data"})

@@ -61,7 +61,8 @@ def rewrite(path, transform):
 
 def test_defaults_hold_every_documented_key():
     for key in ("dataset", "root", "generate", "generated_size", "file_list", "batch_size", "eval_batch_size",
-                "num_threads", "prefetch", "device", "dtype", "image_size", "holdout", "hw_decoder_load", "batches_per_run"):
+                "num_threads", "prefetch", "device", "dtype", "image_size", "holdout", "hw_decoder_load", "batches_per_run",
+                "decode_device"):
         assert key in DATA_DEFAULTS
     assert DATA_DEFAULTS["root"] is None and DATA_DEFAULTS["holdout"] == 0
 
@@ -77,6 +78,7 @@ def test_defaults_hold_every_documented_key():
     ({"dataset": "imagenet", "batches_per_run": 2}, "applies to CIFAR only"),
     ({"device": "gpu"}, "no device_id"),
     ({"generated_classes": 11}, "generated_classes must be 0"),
+    ({"decode_device": "gpu"}, "data.decode_device must be mixed"),
 ])
 def test_bad_config_values(cifar_source, bad, message):
     with pytest.raises(DataError, match=message):

@@ -11,17 +11,19 @@ from pipeline.data.generate import ensure_generated
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DALI GPU pipelines)")
 
+IMAGENET = {"dataset": "imagenet", "generated_classes": 4, "generated_size": 6, "generated_val_size": 3,
+            "generated_image_px": 96, "image_size": 64}
 DATASETS = {
-    "cifar10": {"generated_size": 8, "generated_val_size": 3},
-    "imagenet": {"generated_classes": 4, "generated_size": 6, "generated_val_size": 3,
-                 "generated_image_px": 96, "image_size": 64},
+    "cifar10": {"dataset": "cifar10", "generated_size": 8, "generated_val_size": 3},
+    "imagenet": IMAGENET,
+    "imagenet-cpu-decoding": {**IMAGENET, "decode_device": "cpu"},  # decoded on the CPU, the rest on the GPU
 }
 
 
 @pytest.fixture(scope="module", params=sorted(DATASETS))
 def data_cfg(request, tmp_path_factory):
-    cfg = {"dataset": request.param, "root": str(tmp_path_factory.mktemp(request.param)), "generate": True,
-           "batch_size": 8, "eval_batch_size": 8, "num_threads": 2, "device": "gpu", **DATASETS[request.param]}
+    cfg = {"root": str(tmp_path_factory.mktemp(request.param)), "generate": True, "batch_size": 8,
+           "eval_batch_size": 8, "num_threads": 2, "device": "gpu", **DATASETS[request.param]}
     ensure_generated(cfg)
     return cfg
 

@@ -100,6 +100,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "with 2 on an H100; up to 12 for imagenet's decoding)")
     parser.add_argument("--prefetch", type=int, default=3)
     parser.add_argument("--hw-decoder-load", type=float, default=1.0)
+    parser.add_argument("--decode-device", choices=("mixed", "cpu"), default="mixed",
+                        help="imagenet on cuda: decode JPEGs on the GPU (mixed) or on DALI's CPU threads "
+                             "(data.decode_device)")
     parser.add_argument("--batches-per-run", type=int, default=0,
                         help="CIFAR: batches per DALI iteration (data.batches_per_run; 0: automatic)")
     parser.add_argument("--compile", choices=("none", "default", "reduce-overhead"), default="none",
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "batch_size": args.batch_size, "num_threads": args.num_threads, "prefetch": args.prefetch,
                 "dtype": "bfloat16" if bf16 else "float32", "device": "gpu" if cuda else "cpu",
                 "image_size": args.image_size, "hw_decoder_load": args.hw_decoder_load,
+                "decode_device": args.decode_device,
                 "batches_per_run": args.batches_per_run}
     ensure_generated(data_cfg)
     loader = build_loader(data_cfg, "train", device_id=(device.index or 0) if cuda else None)
@@ -195,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"{args.dataset} ({loader.num_samples} images in {data_cfg['root']}), batch {args.batch_size}, {name}, "
           f"DALI {'gpu' if cuda else 'cpu'} with {args.num_threads} threads, {'bf16' if bf16 else 'fp32'}, "
-          f"compile {args.compile}" + (", the step as one CUDA graph" if args.cuda_graph else ""))
+          f"compile {args.compile}" + (", the step as one CUDA graph" if args.cuda_graph else "")
+          + (", JPEGs decoded on the CPU" if args.dataset == "imagenet" and cuda and args.decode_device == "cpu" else ""))
     print(f"loader only:              {result['loader_img_s']:10.1f} img/s")
     print(f"training, loader-fed:     {result['train_loader_img_s']:10.1f} img/s (median)")
     print(f"training, synthetic data: {result['train_synthetic_img_s']:10.1f} img/s (median)")

@@ -18,6 +18,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -121,18 +122,26 @@ def _write_cifar(folder: str, params: dict) -> None:
 
 
 def _write_imagenet_split(folder: str, split: str, params: dict) -> None:
+    # Threads: drawing (numpy) and JPEG encoding (Pillow) release the GIL, so the set is written
+    # about as many times faster as there are cores (a minute for pipeline.bench's 5,120 images
+    # on one core).
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(lambda sample: _write_jpeg(folder, split, params, *sample), _samples(split, params)):
+            pass  # re-raises a worker's error
+
+
+def _write_jpeg(folder: str, split: str, params: dict, c: int, i: int) -> None:
     from PIL import Image
 
     px = params["image_px"]
-    for c, i in _samples(split, params):
-        rng = np.random.default_rng([_SPLIT_CODE[split], c, i, 7])
-        h, w = (int(px * s) for s in rng.uniform(0.75, 1.25, 2))
-        class_dir = os.path.join(folder, wnid(c))
-        os.makedirs(class_dir, exist_ok=True)
-        buffer = io.BytesIO()
-        Image.fromarray(draw_image(split, c, i, params["classes"], h, w)).save(buffer, "JPEG", quality=90)
-        with open(os.path.join(class_dir, f"gen_{c}_{i}.JPEG"), "wb") as f:
-            f.write(buffer.getvalue())
+    rng = np.random.default_rng([_SPLIT_CODE[split], c, i, 7])
+    h, w = (int(px * s) for s in rng.uniform(0.75, 1.25, 2))
+    class_dir = os.path.join(folder, wnid(c))
+    os.makedirs(class_dir, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(draw_image(split, c, i, params["classes"], h, w)).save(buffer, "JPEG", quality=90)
+    with open(os.path.join(class_dir, f"gen_{c}_{i}.JPEG"), "wb") as f:
+        f.write(buffer.getvalue())
 
 
 def wnid(c: int) -> str:

@@ -2,8 +2,9 @@
 
 Both output `images` as normalised float32 HWC batches (the torch side views them as NCHW in
 channels_last memory format, without a copy) and `labels`. With `gpu` the augmentation runs on
-the GPU (ImageNet: JPEG decoding too, with device="mixed"); without, CPU operators only, which is
-all DALI can run on a machine without CUDA (a pipeline there must also have device_id=None).
+the GPU (ImageNet: JPEG decoding too, with device="mixed", unless decode_device is "cpu");
+without, CPU operators only, which is all DALI can run on a machine without CUDA (a pipeline
+there must also have device_id=None).
 Checkpointing is on, so the loader can save and restore the readers' positions and the random
 operators' states.
 """
@@ -45,9 +46,11 @@ def cifar_pipeline(source, train: bool, gpu: bool, mean, std):
 
 @pipeline_def(enable_checkpointing=True)
 def imagenet_pipeline(files, labels, shard_id: int, num_shards: int, train: bool, gpu: bool,
-                      image_size: int, hw_decoder_load: float, mean, std):
+                      image_size: int, decode_device: str, hw_decoder_load: float, mean, std):
     """Train: decode a random crop (area 8-100 %, aspect 3/4-4/3), resize to image_size, flip.
     Val: decode, resize the shorter side to image_size * 256/224, centre crop image_size.
+    With `gpu`, JPEGs are decoded on the GPU (decode_device "mixed") or on the CPU ("cpu"), and
+    everything after the decoding runs on the GPU.
 
     Train shards: shuffle_after_epoch draws a new permutation of the whole list each epoch (the
     same on every rank) and rank r reads its r-th slice, so ranks never overlap. Val: fixed shards,
@@ -58,17 +61,23 @@ def imagenet_pipeline(files, labels, shard_id: int, num_shards: int, train: bool
                                     name=READER)
     decode = {"device": "cpu", "output_type": types.RGB}
     if gpu:
+        labels = labels.gpu()
+    if gpu and decode_device == "mixed":
         # Larger nvJPEG buffers avoid re-allocations on big images (NVIDIA's ResNet-50 example values).
         decode = {"device": "mixed", "output_type": types.RGB, "hw_decoder_load": hw_decoder_load,
                   "device_memory_padding": 211025920, "host_memory_padding": 140544512}
-        labels = labels.gpu()
     if train:
         images = fn.decoders.image_random_crop(jpegs, random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3],
                                                num_attempts=100, **decode)
-        images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+        images = fn.resize(_on_gpu(images, gpu), resize_x=image_size, resize_y=image_size)
         mirror = fn.random.coin_flip(probability=0.5)
     else:
         images = fn.decoders.image(jpegs, **decode)
-        images = fn.resize(images, resize_shorter=round(image_size * 256 / 224))
+        images = fn.resize(_on_gpu(images, gpu), resize_shorter=round(image_size * 256 / 224))
         mirror = None
     return _normalise(images, mean, std, mirror, crop=(image_size, image_size)), labels
+
+
+def _on_gpu(images, gpu: bool):
+    """Decoded on the CPU, images go to the GPU for the rest (a no-op after mixed decoding)."""
+    return images.gpu() if gpu else images

@@ -1,0 +1,88 @@
+"""Where a DALI-fed training step waits: its GPU timeline per CUDA stream, fed against synthetic data.
+
+    python benchmarks/fed_timeline.py [--cuda-graph] [--steps 8] [--tiny]
+
+RDI-Net-50 joint training (pipeline.bench's step; with --cuda-graph one captured step serves every
+feed) on synthetic batches, then fed by the generated ImageNet loader decoding its JPEGs on the
+GPU (data.decode_device=mixed) and on DALI's CPU threads (cpu). Per feed, from torch.profiler:
+ms per step of the GPU's span, of the training stream's operations and of its idle gaps (a step
+waiting for its batch shows here, as gaps longer than 0.2 ms), and per other stream (DALI's,
+nvJPEG's) its operations and ms per step. Then img/s of each feed, timed as pipeline.bench times.
+"""
+import argparse
+import collections
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline.bench import (MEAN, STD, Timer, cuda_events, from_loader, generated_loader, make_training_model,
+                            synthetic, train_step_fn)
+
+DECODERS = ("mixed", "cpu")
+
+
+def stream_intervals(step, steps: int) -> dict[int, list[tuple[float, float, str]]]:
+    """{stream id: [(start us, end us, name)]} of every GPU operation `steps` calls of `step` run."""
+    streams = collections.defaultdict(list)
+    for e in cuda_events(step, steps, warmup=3):
+        streams[e.device_resource_id].append((e.time_range.start, e.time_range.end, e.name))
+    return streams
+
+
+def idle_gaps_us(intervals) -> list[float]:
+    """The idle stretches between one stream's consecutive operations."""
+    gaps, busy_until = [], None
+    for start, end, _ in sorted(intervals):
+        if busy_until is not None and start > busy_until:
+            gaps.append(start - busy_until)
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return gaps
+
+
+def report(feed: str, streams, steps: int) -> dict:
+    training = max(streams, key=lambda s: sum(end - start for start, end, _ in streams[s]))
+    every = [iv for ivs in streams.values() for iv in ivs]
+    span = (max(end for _, end, _ in every) - min(start for start, _, _ in every)) / steps / 1000
+    gaps = idle_gaps_us(streams[training])
+    long_gaps = [g for g in gaps if g > 200]
+    row = {"span_ms": span, "training_ms": sum(e - s for s, e, _ in streams[training]) / steps / 1000,
+           "gaps_ms": sum(gaps) / steps / 1000, "long_gaps_ms": sum(long_gaps) / steps / 1000,
+           "other_streams": len(streams) - 1,
+           "other_ops": sum(len(v) for s, v in streams.items() if s != training) / steps,
+           "other_ms": sum(e - s for st, v in streams.items() if st != training for s, e, _ in v) / steps / 1000}
+    print(f"{feed:10} GPU span {span:6.2f} ms/step | training stream {row['training_ms']:6.2f} ms of ops, idle "
+          f"{row['gaps_ms']:5.2f} ms ({len(long_gaps) / steps:.1f} gaps > 0.2 ms a step, {row['long_gaps_ms']:.2f} ms) | "
+          f"{row['other_streams']} other streams: {row['other_ops']:.0f} ops, {row['other_ms']:.2f} ms a step")
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cuda-graph", action="store_true", help="capture the step as one CUDA graph (train.cuda_graph)")
+    parser.add_argument("--steps", type=int, default=8, help="profiled steps per feed")
+    parser.add_argument("--tiny", action="store_true", help="batch 8 of 64-px images (a smoke run)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    batch, size = (8, 64) if args.tiny else (256, 224)
+    model = make_training_model("resnet50", 1000, "joint", device)
+    feeds = {"synthetic": synthetic(batch, size, 1000, device)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for decode_device in DECODERS:
+            loader = generated_loader("resnet50", batch, device, Path(tmp), args.tiny, decode_device)
+            feeds[f"dali_{decode_device}"] = from_loader(loader)
+        feed = {"next": feeds["synthetic"]}
+        step = train_step_fn(model, lambda: feed["next"](), True, MEAN, STD, joint=True, cuda_graph=args.cuda_graph)
+        print(f"RDI-Net-50 joint, batch {batch}, {torch.cuda.get_device_name()}"
+              + (", the step as one CUDA graph" if args.cuda_graph else ", eager"))
+        timer = Timer(device, warmup=2 if args.tiny else 10, iters=2 if args.tiny else 10, repeats=3)
+        speeds = {}
+        for name, source in feeds.items():
+            feed["next"] = source
+            report(name, stream_intervals(step, args.steps), args.steps)
+            speeds[name] = batch / timer(step)
+        print("img/s: " + ", ".join(f"{name} {v:.0f} ({v / speeds['synthetic']:.3f})" for name, v in speeds.items()))
+
+
+if __name__ == "__main__":
+    main()
