@@ -8,6 +8,8 @@ GPU (data.decode_device=mixed) and on DALI's CPU threads (cpu). Per feed, from t
 ms per step of the GPU's span, of the training stream's operations and of its idle gaps (a step
 waiting for its batch shows here, as gaps longer than 0.2 ms), and per other stream (DALI's,
 nvJPEG's) its operations and ms per step. Then img/s of each feed, timed as pipeline.bench times.
+Both loaders stay open through the run, so a feed's profile can also catch the loader before it
+refilling its prefetch queue (the other streams' counts then include that).
 """
 import argparse
 import collections
@@ -52,8 +54,9 @@ def report(feed: str, streams, steps: int) -> dict:
            "other_ops": sum(len(v) for s, v in streams.items() if s != training) / steps,
            "other_ms": sum(e - s for st, v in streams.items() if st != training for s, e, _ in v) / steps / 1000}
     print(f"{feed:10} GPU span {span:6.2f} ms/step | training stream {row['training_ms']:6.2f} ms of ops, idle "
-          f"{row['gaps_ms']:5.2f} ms ({len(long_gaps) / steps:.1f} gaps > 0.2 ms a step, {row['long_gaps_ms']:.2f} ms) | "
-          f"{row['other_streams']} other streams: {row['other_ops']:.0f} ops, {row['other_ms']:.2f} ms a step")
+          f"{row['gaps_ms']:5.2f} ms ({len(long_gaps) / steps:.1f} gaps > 0.2 ms a step, "
+          f"{row['long_gaps_ms']:.2f} ms) | {row['other_streams']} other streams: {row['other_ops']:.0f} ops, "
+          f"{row['other_ms']:.2f} ms a step")
     return row
 
 
@@ -81,7 +84,8 @@ def main(argv=None):
             feed["next"] = source
             report(name, stream_intervals(step, args.steps), args.steps)
             speeds[name] = batch / timer(step)
-        print("img/s: " + ", ".join(f"{name} {v:.0f} ({v / speeds['synthetic']:.3f})" for name, v in speeds.items()))
+        print("img/s: " + ", ".join(f"{name} {v:.0f} ({v / speeds['synthetic']:.3f})"
+                                    for name, v in speeds.items()))
 
 
 if __name__ == "__main__":

@@ -437,9 +437,9 @@ def print_table(results: dict) -> None:
         if "static_synthetic" not in r:
             continue
         graphed = ", each step one CUDA graph" if r.get("cuda_graph") else ""
+        labels = {"rdinet_dali": "rdinet+dali", "rdinet_dali_cpu_decode": "rdinet+dali, CPU decoding"}
         fed = [f"{label} " + (f"{r[key]:.0f} ({r[_ratio_key(key)]:.2f}x of synthetic)" if r[key] else "n/a")
-               for key, label in (("rdinet_dali", "rdinet+dali"), ("rdinet_dali_cpu_decode", "rdinet+dali, CPU decoding"))
-               if key in r]
+               for key, label in labels.items() if key in r]
         print(f"train {arch}{graphed}: static {r['static_synthetic']:.0f} img/s | rdinet {r['rdinet_synthetic']:.0f} "
               f"({r['ratio_joint_vs_static']:.2f}x) | " + " | ".join(fed))
     for arch, by_batch in results["inference"].items():

@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.dataset} ({loader.num_samples} images in {data_cfg['root']}), batch {args.batch_size}, {name}, "
           f"DALI {'gpu' if cuda else 'cpu'} with {args.num_threads} threads, {'bf16' if bf16 else 'fp32'}, "
           f"compile {args.compile}" + (", the step as one CUDA graph" if args.cuda_graph else "")
-          + (", JPEGs decoded on the CPU" if args.dataset == "imagenet" and cuda and args.decode_device == "cpu" else ""))
+          + (", JPEGs decoded on the CPU" if args.dataset == "imagenet" and cuda and args.decode_device == "cpu"
+             else ""))
     print(f"loader only:              {result['loader_img_s']:10.1f} img/s")
     print(f"training, loader-fed:     {result['train_loader_img_s']:10.1f} img/s (median)")
     print(f"training, synthetic data: {result['train_synthetic_img_s']:10.1f} img/s (median)")

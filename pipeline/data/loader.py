@@ -286,7 +286,8 @@ def build_loader(data_cfg: dict, split: str, *, shard_id: int = 0, num_shards: i
         def make_pipeline(checkpoint):
             from .pipelines import imagenet_pipeline
             return imagenet_pipeline(files, labels, shard_id, num_shards, train, gpu, cfg["image_size"],
-                                     cfg["decode_device"], cfg["hw_decoder_load"], mean, std, checkpoint=checkpoint, **settings)
+                                     cfg["decode_device"], cfg["hw_decoder_load"], mean, std,
+                                     checkpoint=checkpoint, **settings)
         reader = READER
     else:
         source = CifarSource(images, labels, train, batch_size, batches, shard_id, num_shards, seed, group,
