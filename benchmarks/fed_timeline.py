@@ -18,46 +18,33 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench import (MEAN, STD, Timer, cuda_events, from_loader, generated_loader, make_training_model,
-                            synthetic, train_step_fn)
+from pipeline.bench import (MEAN, STD, Timer, cuda_events, from_loader, generated_loader, idle_gaps_us,
+                            make_training_model, synthetic, train_step_fn)
 
 DECODERS = ("mixed", "cpu")
 
 
-def stream_intervals(step, steps: int) -> dict[int, list[tuple[float, float, str]]]:
-    """{stream id: [(start us, end us, name)]} of every GPU operation `steps` calls of `step` run."""
+def stream_intervals(step, steps: int) -> dict[int, list[tuple[float, float]]]:
+    """{stream id: [(start us, end us)]} of every GPU operation `steps` calls of `step` run."""
     streams = collections.defaultdict(list)
     for e in cuda_events(step, steps, warmup=3):
-        streams[e.device_resource_id].append((e.time_range.start, e.time_range.end, e.name))
+        streams[e.device_resource_id].append((e.time_range.start, e.time_range.end))
     return streams
 
 
-def idle_gaps_us(intervals) -> list[float]:
-    """The idle stretches between one stream's consecutive operations."""
-    gaps, busy_until = [], None
-    for start, end, _ in sorted(intervals):
-        if busy_until is not None and start > busy_until:
-            gaps.append(start - busy_until)
-        busy_until = end if busy_until is None else max(busy_until, end)
-    return gaps
-
-
-def report(feed: str, streams, steps: int) -> dict:
-    training = max(streams, key=lambda s: sum(end - start for start, end, _ in streams[s]))
-    every = [iv for ivs in streams.values() for iv in ivs]
-    span = (max(end for _, end, _ in every) - min(start for start, _, _ in every)) / steps / 1000
+def report(feed: str, streams, steps: int) -> None:
+    busy_ms = {stream: sum(end - start for start, end in spans) / steps / 1000 for stream, spans in streams.items()}
+    training = max(busy_ms, key=busy_ms.get)
+    every = [span for spans in streams.values() for span in spans]
+    span_ms = (max(end for _, end in every) - min(start for start, _ in every)) / steps / 1000
     gaps = idle_gaps_us(streams[training])
     long_gaps = [g for g in gaps if g > 200]
-    row = {"span_ms": span, "training_ms": sum(e - s for s, e, _ in streams[training]) / steps / 1000,
-           "gaps_ms": sum(gaps) / steps / 1000, "long_gaps_ms": sum(long_gaps) / steps / 1000,
-           "other_streams": len(streams) - 1,
-           "other_ops": sum(len(v) for s, v in streams.items() if s != training) / steps,
-           "other_ms": sum(e - s for st, v in streams.items() if st != training for s, e, _ in v) / steps / 1000}
-    print(f"{feed:10} GPU span {span:6.2f} ms/step | training stream {row['training_ms']:6.2f} ms of ops, idle "
-          f"{row['gaps_ms']:5.2f} ms ({len(long_gaps) / steps:.1f} gaps > 0.2 ms a step, "
-          f"{row['long_gaps_ms']:.2f} ms) | {row['other_streams']} other streams: {row['other_ops']:.0f} ops, "
-          f"{row['other_ms']:.2f} ms a step")
-    return row
+    other_ops = sum(len(spans) for stream, spans in streams.items() if stream != training) / steps
+    other_ms = sum(ms for stream, ms in busy_ms.items() if stream != training)
+    print(f"{feed:10} GPU span {span_ms:6.2f} ms/step | training stream {busy_ms[training]:6.2f} ms of ops, idle "
+          f"{sum(gaps) / steps / 1000:5.2f} ms ({len(long_gaps) / steps:.1f} gaps > 0.2 ms a step, "
+          f"{sum(long_gaps) / steps / 1000:.2f} ms) | {len(streams) - 1} other streams: {other_ops:.0f} ops, "
+          f"{other_ms:.2f} ms a step")
 
 
 def main(argv=None):

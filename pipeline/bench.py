@@ -90,16 +90,21 @@ def cuda_events(fn, calls: int, warmup: int = 1) -> list:
     return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def idle_gaps_us(intervals) -> list[float]:
+    """The idle stretches (us) between consecutive GPU operations, given as (start, end) in us."""
+    gaps, busy_until = [], None
+    for start, end in sorted(intervals):
+        if busy_until is not None and start > busy_until:
+            gaps.append(start - busy_until)
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return gaps
+
+
 def short_gaps_us(intervals, below_us: float = 20.0) -> float:
     """Summed idle time between consecutive GPU operations, counting only gaps shorter than
     `below_us`: what the GPU spends between dependent kernels on its own (a few us each, inside
     CUDA graphs too). Longer gaps are waits for the host, which the profiler itself lengthens."""
-    total, busy_until = 0.0, None
-    for start, end in sorted(intervals):
-        if busy_until is not None and busy_until < start < busy_until + below_us:
-            total += start - busy_until
-        busy_until = end if busy_until is None else max(busy_until, end)
-    return total
+    return sum((gap for gap in idle_gaps_us(intervals) if gap < below_us), 0.0)
 
 
 def eager_ops_per_call(fn, calls: int = 3) -> dict[str, float]:

@@ -60,6 +60,7 @@ class _Outputs(torch.nn.Module):
 
 
 def _cross_entropy(images, logits, gates, labels):
+    """Both steps' loss terms, in GraphedStep's loss_terms signature."""
     return {"loss": F.cross_entropy(logits.float(), labels)}
 
 
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.compile == "reduce-overhead":  # a new step: the graph's previous outputs may go
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(net(images).logits, labels)
+            loss = _cross_entropy(images, net(images).logits, None, labels)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
