@@ -31,7 +31,11 @@ DEFAULTS = {
         "r": 2,
         "d": 256,
         "tau": 1.0,
+        # Gates in training: false = the paper's soft Gumbel-softmax relaxation; true = hard 0/1
+        # decisions forward (straight-through gradients), so training runs the paths eval runs.
         "straight_through": False,
+        # none = the paper's router; batch = a BatchNorm before each of its ReLUs (docs/method.md)
+        "router_norm": "none",
         "pretrained": None,  # path to torchvision ResNet weights for the blocks (ImageNet nets)
     },
     "data": copy.deepcopy(DATA_DEFAULTS),
@@ -79,6 +83,7 @@ DEFAULTS = {
 }
 
 STAGES = ("warmup", "joint")
+ROUTER_NORMS = ("none", "batch")  # rdinet.routers.NORMS, without importing torch here
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # make CUDA graphs of their own, which cannot nest
 
@@ -151,6 +156,14 @@ def load_config(job: str | os.PathLike | None = None, overrides: list[str] | Non
     return cfg
 
 
+def with_defaults(saved: dict) -> dict:
+    """A config saved by a run (its config.yaml or manifest) with the keys added since then at
+    their defaults, which keep what such a run did (a new key's default is the old behaviour)."""
+    cfg = copy.deepcopy(DEFAULTS)
+    _merge(cfg, copy.deepcopy(saved))
+    return cfg
+
+
 def _job_layers(path: Path, seen: tuple) -> list[dict]:
     """A job file and the files it `extends` (relative to its folder), base first."""
     if path.resolve() in seen:
@@ -181,6 +194,8 @@ def validate(cfg: dict) -> None:
     if cfg["train"]["cuda_graph"] and cfg["train"]["compile"] in GRAPHED_COMPILE_MODES:
         raise ConfigError(f"config key 'train.cuda_graph' captures the whole step, which cannot hold train.compile="
                           f"{cfg['train']['compile']}'s own CUDA graphs: set train.compile=default (or none)")
+    if cfg["model"]["router_norm"] not in ROUTER_NORMS:
+        raise ConfigError(f"config key 'model.router_norm' must be one of {', '.join(ROUTER_NORMS)}")
     if cfg["stages"]["joint"]["mode"] not in ("joint", "full"):
         raise ConfigError("config key 'stages.joint.mode' must be 'joint' (RDI-Net) or 'full' (static ResNet)")
     for stage in STAGES:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rdinet import model_cost, srm
+from rdinet import RDIOutput, model_cost, srm
 
 
 class PathGroups:
@@ -76,20 +76,101 @@ class PathGroups:
         plt.close(fig)
 
 
+DECISIVE_MARGIN = 1.0  # |execute - skip logit| below this: a decision Gumbel noise would often flip
+
+
+class RouterStats:
+    """Sums over evaluated images of how decisively each router decides: images with
+    |margin| < DECISIVE_MARGIN, |margin|, and the noise-free execution probability
+    p = softmax(logits / tau)[execute] and its square (for its spread over images; both taken
+    about 0.5 against round-off), also each image's share of executed blocks and its square."""
+
+    def __init__(self, blocks: int, tau: float, device):
+        self.tau = tau
+        self.sums = torch.zeros(4, blocks, dtype=torch.float64, device=device)
+        self.image_rates = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def add(self, margins: torch.Tensor, gates: torch.Tensor) -> None:
+        margins = margins.double()
+        prob = torch.sigmoid(margins / self.tau) - 0.5  # the two-way softmax's execute entry, less 0.5
+        self.sums += torch.stack([(margins.abs() < DECISIVE_MARGIN).double().sum(0), margins.abs().sum(0),
+                                  prob.sum(0), (prob * prob).sum(0)])
+        rate = gates.double().mean(1)
+        self.image_rates += torch.stack([rate.sum(), (rate * rate).sum()])
+
+    def packed(self) -> torch.Tensor:
+        return torch.cat([self.sums.flatten(), self.image_rates])
+
+    def metrics(self, packed: torch.Tensor, count: float) -> dict:
+        blocks = self.sums.shape[1]
+        sums, image_rates = packed[:4 * blocks].view(4, blocks) / count, packed[4 * blocks:] / count
+        small, abs_margin, prob, prob_sq = sums  # prob: p - 0.5, a shift that leaves the spread as it is
+        spread = (prob_sq - prob * prob).clamp(min=0).sqrt()
+        return {"indecisive_share": float(small.mean()), "mean_abs_margin": float(abs_margin.mean()),
+                "image_rate_std": float((image_rates[1] - image_rates[0] ** 2).clamp(min=0).sqrt()),
+                "block_indecisive_share": small.tolist(), "block_mean_abs_margin": abs_margin.tolist(),
+                "block_prob_std": spread.tolist()}
+
+
 @torch.no_grad()
 def evaluate(model, net, loader, accelerator, mode: str, cfg: dict, bf16: bool,
              paths: PathGroups | None = None) -> dict:
-    """Run the validation split once. `model` is what is called (a DeepSpeed engine or the plain
-    module), `net` the plain module (for modes and cost). Padding samples (label -1) are ignored.
-    Sums are reduced across processes when `accelerator` is given. `paths`, when given, collects
-    each image's execution path (this process's images only)."""
+    """Run the validation split once (twice for a routed model). `model` is what is called (a
+    DeepSpeed engine or the plain module), `net` the plain module (for modes and cost). Padding
+    samples (label -1) are ignored. Sums are reduced across processes when `accelerator` is given.
+    `paths`, when given, collects each image's execution path (this process's images only).
+
+    A routed model ("joint") is also scored with the noise-free soft gates (top1_soft; soft_gap =
+    top1_soft - top1, what the eval rule loses against what soft training optimised), and its
+    routers' decisiveness is measured (RouterStats)."""
     was_training = net.training
     model.eval()
     net.set_mode(mode)
     device = next(net.parameters()).device
     sums = torch.zeros(5, device=device)  # top-1, top-5, samples, GMACs x samples, ratio x samples
     gate_sum = torch.zeros(net.num_blocks, device=device)
+    routed = mode == "joint"
+    stats = RouterStats(net.num_blocks, net.tau, device) if routed else None
     size = (3, loader_image_size(cfg), loader_image_size(cfg))
+    for images, labels, out in _outputs(model, loader, accelerator, device, bf16):
+        logits, labels, gates = out.logits.float(), labels, out.gates.float()
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        cost = model_cost(net, gates, input_size=size)
+        n = gates.shape[0]
+        sums += torch.tensor([float((topk[:, 0] == labels).sum()), float((topk == labels[:, None]).any(1).sum()),
+                              n, cost["gmacs"] * n, cost["ratio"] * n], device=device)
+        gate_sum += gates.sum(0)
+        if stats is not None:
+            stats.add(out.margins, gates)
+        if paths is not None:
+            paths.add(images, gates)
+    soft_correct = torch.zeros(1, device=device)
+    if routed:
+        net.eval_gates = "soft"
+        try:
+            for _, labels, out in _outputs(model, loader, accelerator, device, bf16):
+                soft_correct += (out.logits.float().argmax(1) == labels).sum()
+        finally:
+            net.eval_gates = "hard"
+    packed = torch.cat([sums.double(), gate_sum.double(), soft_correct.double()] + ([stats.packed()] if routed else []))
+    if accelerator is not None:
+        packed = accelerator.reduce(packed, reduction="sum")
+    blocks = net.num_blocks
+    top1, top5, count, gmacs, ratio = (float(v) for v in packed[:5])
+    gate_sum, soft_correct = packed[5:5 + blocks], float(packed[5 + blocks])
+    n = max(count, 1.0)
+    model.train(was_training)
+    metrics = {"top1": top1 / n, "top5": top5 / n, "samples": int(count), "gmacs": gmacs / n,
+               "gflops": 2 * gmacs / n, "ratio": ratio / n, "exec_rate": float(gate_sum.sum()) / n / blocks,
+               "block_rates": [float(r) / n for r in gate_sum]}
+    if routed:
+        metrics.update(top1_soft=soft_correct / n, soft_gap=(soft_correct - top1) / n,
+                       **stats.metrics(packed[6 + blocks:], n))
+    return metrics
+
+
+def _outputs(model, loader, accelerator, device, bf16: bool):
+    """(images, labels, model output) of each batch's valid samples (label >= 0)."""
     for images, labels in loader:
         if not bf16:
             images = images.float()
@@ -100,24 +181,8 @@ def evaluate(model, net, loader, accelerator, mode: str, cfg: dict, bf16: bool,
         valid = labels >= 0
         if not valid.any():
             continue
-        logits, labels, gates = out.logits[valid].float(), labels[valid], out.gates[valid].float()
-        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        cost = model_cost(net, gates, input_size=size)
-        n = gates.shape[0]
-        sums += torch.tensor([float((topk[:, 0] == labels).sum()), float((topk == labels[:, None]).any(1).sum()),
-                              n, cost["gmacs"] * n, cost["ratio"] * n], device=device)
-        gate_sum += gates.sum(0)
-        if paths is not None:
-            paths.add(images[valid], gates)
-    if accelerator is not None:
-        packed = accelerator.reduce(torch.cat([sums, gate_sum]), reduction="sum")
-        sums, gate_sum = packed[:5], packed[5:]
-    top1, top5, count, gmacs, ratio = (float(v) for v in sums)
-    n = max(count, 1.0)
-    model.train(was_training)
-    return {"top1": top1 / n, "top5": top5 / n, "samples": int(count), "gmacs": gmacs / n,
-            "gflops": 2 * gmacs / n, "ratio": ratio / n, "exec_rate": float(gate_sum.sum()) / n / net.num_blocks,
-            "block_rates": [float(r) / n for r in gate_sum]}
+        margins = None if out.margins is None else out.margins[valid]
+        yield images[valid], labels[valid], RDIOutput(out.logits[valid], out.gates[valid], margins)
 
 
 def loader_image_size(cfg: dict) -> int:
@@ -128,7 +193,7 @@ def evaluate_run(run_dir: Path, stage: str, data_overrides: list[str], path_grou
     """Evaluate a completed stage's export on one process (GPU if there is one); with path_groups > 0
     a routed model's most frequent execution paths are drawn into path_groups.png."""
     from pipeline import checkpoint as ckpt
-    from pipeline.config import _merge, parse_overrides
+    from pipeline.config import _merge, parse_overrides, with_defaults
     from pipeline.data import build_loader
     from pipeline.trainer import build_model, stage_mode
 
@@ -136,7 +201,7 @@ def evaluate_run(run_dir: Path, stage: str, data_overrides: list[str], path_grou
     if manifest is None:
         raise FileNotFoundError(f"{run_dir}/{stage}/final/manifest.json not found: the '{stage}' stage of "
                                 f"this run has not completed (run pipeline/train.py --run-dir {run_dir})")
-    cfg = manifest["config"]
+    cfg = with_defaults(manifest["config"])
     _merge(cfg, parse_overrides(data_overrides))
     model = build_model(cfg)
     model.load_state_dict(ckpt.load_final_weights(run_dir / stage, cfg["model"]["arch"], cfg["model"]["num_classes"]))
@@ -173,13 +238,20 @@ def plot_block_rates(metrics: dict, path: Path) -> None:
 
 
 def plot_accuracy_vs_cost(all_metrics: list[dict], path: Path, labels: list[str] | None = None) -> None:
+    """Top-1 against GFLOPs: the static networks ("full" rows) as the frontier line a dynamic one
+    must beat, every other row as a labelled point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 4))
-    labels = labels or [f"{m['job']}/{m['stage']}" for m in all_metrics]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    labels = labels or [Path(m["run"]).name for m in all_metrics]
+    static = sorted((m["gflops"], 100 * m["top1"]) for m in all_metrics if m.get("mode") == "full")
+    if len(static) > 1:
+        ax.plot(*zip(*static), color="0.5", linestyle="--", zorder=1, label="static ResNets")
+        ax.legend(fontsize=7, loc="lower right")
     for m, label in zip(all_metrics, labels):
-        ax.scatter(m["gflops"], 100 * m["top1"])
+        ax.scatter(m["gflops"], 100 * m["top1"], marker="s" if m.get("mode") == "full" else "o",
+                   color="0.4" if m.get("mode") == "full" else None, zorder=2)
         ax.annotate(label, (m["gflops"], 100 * m["top1"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("top-1 (%)")
@@ -187,6 +259,21 @@ def plot_accuracy_vs_cost(all_metrics: list[dict], path: Path, labels: list[str]
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+SUMMARY = ("{:<28} {:>7} {:>7} {:>8} {:>6} {:>6} {:>10} {:>9}",
+           ("run", "top-1", "top-5", "GFLOPs", "ratio", "exec", "|m|<1", "soft-hard"))
+
+
+def summary_line(metrics: dict) -> str:
+    """One row of the human table: accuracy, cost and (routed runs) how decisive the routers are."""
+    routed = "indecisive_share" in metrics
+    run = Path(metrics["run"]).name + "/" + metrics["stage"]
+    return SUMMARY[0].format(
+        run[-28:], f"{100 * metrics['top1']:.2f}", f"{100 * metrics['top5']:.2f}", f"{metrics['gflops']:.4f}",
+        f"{metrics['ratio']:.3f}", f"{metrics['exec_rate']:.3f}",
+        f"{100 * metrics['indecisive_share']:.1f}%" if routed else "-",
+        f"{100 * metrics['soft_gap']:+.2f}" if routed else "-")
 
 
 def main(argv=None) -> int:
@@ -197,21 +284,39 @@ def main(argv=None) -> int:
                         help="override data keys, e.g. data.root on another machine")
     parser.add_argument("--out", type=Path, default=None, help="where to write accuracy_vs_cost.png")
     parser.add_argument("--path-groups", type=int, default=4, metavar="N",
-                        help="draw the N most frequent execution paths of a routed model (0: none)")
+                        help="draw the N most frequent execution paths of a routed model (0: none; default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print each run's metrics as a JSON line instead of a table")
     args = parser.parse_args(argv)
-    results = []
+    results, written = [], []
     try:
         for run in args.run_dir:
             stage = args.stage or ("joint" if (run / "joint" / "final").is_dir() else "warmup")
             metrics = evaluate_run(run, stage, args.set, args.path_groups)
             plot_block_rates(metrics, run / stage / "block_rates.png")
-            print(json.dumps({k: v for k, v in metrics.items() if k != "block_rates"}))
+            written += [run / stage / name for name in ("eval.json", "block_rates.png", "path_groups.png")
+                        if (run / stage / name).is_file()]
+            if args.json:
+                print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("block_")}))
             results.append(metrics)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = args.out or args.run_dir[0]
-    plot_accuracy_vs_cost(results, out / "accuracy_vs_cost.png" if out.is_dir() else out)
+    report = sys.stderr if args.json else sys.stdout
+    if not args.json:
+        print(SUMMARY[0].format(*SUMMARY[1]))
+        for metrics in results:
+            print(summary_line(metrics))
+        print("|m|<1: share of (image, block) decisions within 1 logit of a tie; soft-hard: top-1 points "
+              "gained by noise-free soft gates over the eval rule")
+    if any(m.get("mode") == "full" for m in results) and len(results) > 1:
+        out = args.out or args.run_dir[0]
+        plot = out / "accuracy_vs_cost.png" if out.is_dir() else out
+        plot_accuracy_vs_cost(results, plot)
+        written.append(plot)
+    else:
+        print("accuracy_vs_cost.png not drawn: it needs a static run (stages.joint.mode=full) beside the "
+              "others, the frontier they are judged against", file=report)
+    print("wrote: " + ", ".join(str(path) for path in written), file=report)
     return 0
 
 

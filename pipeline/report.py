@@ -3,7 +3,9 @@
     python -m pipeline.report --runs-dir runs/r32 [--out table.md] [--plot accuracy_vs_cost.png]
 
 One line per row of the sweep: held-out top-1, GFLOPs per image and the cost relative to the static
-network (routers included), the blocks' execution rate, epochs, card and wall time. A row's wall
+network (routers included), the blocks' execution rate, the share of router decisions within 1
+logit of a tie and the top-1 gained by noise-free soft gates over the eval rule (routed rows),
+epochs, card and wall time. A row's wall
 time includes the warm-up it shares; rows ran side by side on one card, so each wall time is what
 that row took while sharing it.
 """
@@ -18,8 +20,8 @@ from pipeline import checkpoint as ckpt
 from pipeline.evaluate import plot_accuracy_vs_cost
 from pipeline.sweep import read_sweep
 
-HEADER = ("| row | job | top-1 (%) | GFLOPs | ratio to static | blocks run | epochs (USW + joint) | card | "
-          "wall (min) |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| row | job | top-1 (%) | GFLOPs | ratio to static | blocks run | \\|margin\\| < 1 | soft - hard (points) | "
+          "epochs (USW + joint) | card | wall (min) |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def rows(runs_dir: Path) -> list[dict]:
@@ -50,8 +52,11 @@ def table(found: list[dict]) -> str:
     lines = [HEADER]
     for r in found:
         m = r["metrics"]
+        routed = "indecisive_share" in m  # static rows have no routers
+        decisive = f"{100 * m['indecisive_share']:.1f} %" if routed else "-"
+        gap = f"{100 * m['soft_gap']:+.2f}" if routed else "-"
         lines.append(f"| {r['row']} | {r['job']} | {100 * m['top1']:.2f} | {m['gflops']:.4f} | {m['ratio']:.3f} | "
-                     f"{m['exec_rate']:.3f} | {r['epochs'][0]} + {r['epochs'][1]} | {r['card']} | "
+                     f"{m['exec_rate']:.3f} | {decisive} | {gap} | {r['epochs'][0]} + {r['epochs'][1]} | {r['card']} | "
                      f"{r['wall_s'] / 60:.1f} |")
     return "\n".join(lines) + "\n"
 

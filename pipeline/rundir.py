@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.checkpoint import write_atomic
-from pipeline.config import dump
+from pipeline.config import dump, with_defaults
 
 
 def prepare_run_dir(run_dir: Path, cfg: dict) -> None:
@@ -29,7 +29,7 @@ def prepare_run_dir(run_dir: Path, cfg: dict) -> None:
         if saved.get("job") != cfg["job"]:
             raise ValueError(f"run directory {run_dir} belongs to job '{saved.get('job')}', not '{cfg['job']}': "
                              "choose another --run-dir")
-        if saved.get("model") != cfg["model"]:
+        if with_defaults({"model": saved.get("model") or {}})["model"] != cfg["model"]:
             raise ValueError(f"run directory {run_dir} was started with model {saved.get('model')}, this run asks "
                              f"for {cfg['model']}: its checkpoints would not fit; choose another --run-dir")
     if int(os.environ.get("RANK", "0")) == 0:

@@ -57,7 +57,7 @@ def warmup_key(cfg: dict) -> str:
     for name in ("job", "loss"):
         key.pop(name)
     key["stages"].pop("joint")
-    for name in ("gamma", "r", "tau", "straight_through"):
+    for name in ("gamma", "r", "tau", "straight_through", "router_norm"):
         key["model"].pop(name)
     return dump(key)
 

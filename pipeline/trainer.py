@@ -62,7 +62,8 @@ def stage_mode(cfg: dict, stage: str) -> str:
 def build_model(cfg: dict):
     m = cfg["model"]
     return rdinet.create_model(m["arch"], num_classes=m["num_classes"], gamma=m["gamma"], r=m["r"],
-                               d=m["d"], tau=m["tau"], straight_through=m["straight_through"])
+                               d=m["d"], tau=m["tau"], straight_through=m["straight_through"],
+                               router_norm=m["router_norm"])
 
 
 def init_weights(model, cfg: dict, stage: str, run_dir: Path, log) -> None:
@@ -422,3 +423,6 @@ def _log_eval(writer, step, metrics):
         if isinstance(value, float) and math.isfinite(value):
             writer.add_scalar(f"val/{name}", value, step)
     writer.add_histogram("val/block_exec_rates", torch.tensor(metrics["block_rates"]), step)
+    for name in ("block_indecisive_share", "block_mean_abs_margin", "block_prob_std"):
+        if name in metrics:  # routed models: how decisively each block's router decides
+            writer.add_histogram(f"val/{name}", torch.tensor(metrics[name]), step)

@@ -79,13 +79,15 @@ class FrozenRDINet:
             gates = _check_gates(gates, batch, self.num_blocks).to(x.device)
             indices = _executing_samples(gates)  # one host sync for every block
         routed = gates is None and self.mode == "joint"
-        decided, previous = [], []
+        decided, margins, previous = [], [], []
         for n, block in enumerate(self.blocks):
             if routed:
                 s_n, logits = self.routers[n](x, previous)
                 previous = (previous + [s_n])[-self.model.r:] if self.model.r else []
-                gate = logits[:, EXECUTE] > logits[:, 1 - EXECUTE]
+                margin = logits[:, EXECUTE].float() - logits[:, 1 - EXECUTE].float()
+                gate = margin > 0
                 decided.append(gate)
+                margins.append(margin)
                 index = gate.nonzero().squeeze(1)  # the host waits here: it sizes the block's batch
             elif gates is None:  # "full": the static network
                 index = None
@@ -97,7 +99,7 @@ class FrozenRDINet:
             gates = torch.stack(decided, dim=1)
         elif gates is None:
             gates = torch.ones(batch, self.num_blocks, device=x.device)
-        return RDIOutput(logits=logits, gates=gates.float())
+        return RDIOutput(logits=logits, gates=gates.float(), margins=torch.stack(margins, dim=1) if routed else None)
 
 
 def _check_gates(gates, batch: int, blocks: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from .srm import rank_loss
 
 
 def cost_loss(gates: torch.Tensor, t: float) -> torch.Tensor:
-    """Eq. 15 with METHOD.md's batch mean: sum_n (mean over the batch of v_n - t)^2; gates (B, N)."""
+    """Eq. 15 with docs/method.md's batch mean: sum_n (mean over the batch of v_n - t)^2; gates (B, N)."""
     _check_gates(gates)
     _check_rate(t)
     return ((gates.float().mean(dim=0) - t) ** 2).sum()

@@ -11,32 +11,42 @@ from torch import nn
 
 from .backbones import arch_spec, build_backbone
 from .executor import run_masked, run_selected
-from .routers import EXECUTE, RelationalRouter
+from .routers import EXECUTE, NORMS, RelationalRouter
 
 MODES = ("joint", "uniform", "full")
 EXECUTORS = ("skip", "masked")
+EVAL_GATES = ("hard", "soft")
 
 
 @dataclass
 class RDIOutput:
     logits: torch.Tensor  # (B, num_classes)
     gates: torch.Tensor  # (B, N): relaxed v (joint training), 0/1 u otherwise
+    # (B, N) execute-minus-skip router logits in "joint" mode (None otherwise): how far each
+    # decision is from a tie, before any Gumbel noise
+    margins: torch.Tensor | None = None
 
 
 class RDINet(nn.Module):
     """Modes: "joint" (routers decide), "uniform" (USW, eq. 14: each block of each sample runs with
     probability 0.5), "full" (the static ResNet). In eval mode with hard decisions the "skip"
-    executor runs each block only on the samples that execute it; "masked" runs it on all."""
+    executor runs each block only on the samples that execute it; "masked" runs it on all.
+
+    `eval_gates` is the rule of eval mode: "hard" (eq. 8's decision, u = 1 iff the execute logit
+    is larger; deterministic and batch-independent) or "soft" (the noise-free relaxation
+    softmax(logits / tau)[execute], blended; a diagnostic of what the soft-trained net computes)."""
 
     def __init__(self, arch: str, num_classes: int, gamma, r: int, d: int, tau: float,
-                 straight_through: bool, executor: str):
+                 straight_through: bool, executor: str, router_norm: str = "none"):
         super().__init__()
         self.arch = arch
         self.num_classes = num_classes
         self.gamma, self.r, self.d = gamma, r, d
+        self.router_norm = router_norm
         self.tau = tau
         self.straight_through = straight_through
         self.executor = executor
+        self.eval_gates = "hard"
         self._mode = "joint"
         # Execution probability of every block in "uniform" mode: 0.5 makes every path equally
         # likely (USW, eq. 14); other rates serve benchmarks of random paths at a given cost.
@@ -47,7 +57,7 @@ class RDINet(nn.Module):
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
         self.routers = nn.ModuleList(
-            RelationalRouter(block.conv1.in_channels, d=d, r=r, gamma=gamma) for block in blocks
+            RelationalRouter(block.conv1.in_channels, d=d, r=r, gamma=gamma, norm=router_norm) for block in blocks
         )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
@@ -61,9 +71,7 @@ class RDINet(nn.Module):
         return self._mode
 
     def set_mode(self, mode: str) -> "RDINet":
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not known; accepted values: {MODES}")
-        self._mode = mode
+        self._mode = _accepted("mode", mode, MODES)
         return self
 
     @property
@@ -72,9 +80,15 @@ class RDINet(nn.Module):
 
     @executor.setter
     def executor(self, value: str) -> None:
-        if value not in EXECUTORS:
-            raise ValueError(f"executor={value!r} is not known; accepted values: {EXECUTORS}")
-        self._executor = value
+        self._executor = _accepted("executor", value, EXECUTORS)
+
+    @property
+    def eval_gates(self) -> str:
+        return self._eval_gates
+
+    @eval_gates.setter
+    def eval_gates(self, value: str) -> None:
+        self._eval_gates = _accepted("eval_gates", value, EVAL_GATES)
 
     @property
     def tau(self) -> float:
@@ -99,9 +113,10 @@ class RDINet(nn.Module):
         batch = x.shape[0]
         if self._mode == "uniform":
             sampled = torch.bernoulli(torch.full((batch, self.num_blocks), self.uniform_rate, device=x.device))
-        skip = not self.training and self._executor == "skip"  # eval decisions are hard
+        # eval decisions are hard (unless the soft diagnostic rule is on)
+        skip = not self.training and self._executor == "skip" and self._eval_gates == "hard"
         router_features: list[torch.Tensor] = []
-        gates = []
+        gates, margins = [], []
         pooled = None  # GAP(x) when the previous block's blend computed it for this block's router
         for n, block in enumerate(self.blocks):
             if self._mode == "full":
@@ -111,6 +126,7 @@ class RDINet(nn.Module):
                 if self._mode == "joint":
                     s_n, logits = self.routers[n](x, router_features, pooled)
                     router_features = (router_features + [s_n])[-self.r:] if self.r else []
+                    margins.append(logits[:, EXECUTE].float() - logits[:, 1 - EXECUTE].float())
                     gate = self._decide(logits)
                 else:
                     gate = sampled[:, n]
@@ -123,13 +139,22 @@ class RDINet(nn.Module):
                     x = run_masked(block, x, gate)
             gates.append(gate)
         logits = self.fc(torch.flatten(self.avgpool(x), 1))
-        return RDIOutput(logits=logits, gates=torch.stack(gates, dim=1))
+        return RDIOutput(logits=logits, gates=torch.stack(gates, dim=1),
+                         margins=torch.stack(margins, dim=1) if margins else None)
 
     def _decide(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.training:
             return F.gumbel_softmax(logits, tau=self._tau, hard=self.straight_through)[:, EXECUTE]
+        if self._eval_gates == "soft":
+            return torch.softmax(logits / self._tau, dim=1)[:, EXECUTE]
         return (logits[:, EXECUTE] > logits[:, 1 - EXECUTE]).float()
+
+
+def _accepted(name: str, value: str, accepted: tuple[str, ...]) -> str:
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not known; accepted values: {accepted}")
+    return value
 
 
 def _check_images(images) -> None:
@@ -148,8 +173,9 @@ def _check_images(images) -> None:
 
 def create_model(arch: str, num_classes: int | None = None, gamma: float | str = 0.5, r: int = 2,
                  d: int = 256, tau: float = 1.0, straight_through: bool = False,
-                 executor: str = "skip") -> RDINet:
-    """An RDI-Net on `arch` (see ARCHS). num_classes defaults to 10 (CIFAR nets) or 1000 (ImageNet)."""
+                 executor: str = "skip", router_norm: str = "none") -> RDINet:
+    """An RDI-Net on `arch` (see ARCHS). num_classes defaults to 10 (CIFAR nets) or 1000 (ImageNet).
+    router_norm: "none" (the paper's router) or "batch" (a BatchNorm before each of its ReLUs)."""
     spec = arch_spec(arch)
     if num_classes is None:
         num_classes = spec.default_classes
@@ -161,9 +187,10 @@ def create_model(arch: str, num_classes: int | None = None, gamma: float | str =
         raise ValueError(f"r={r!r} (preceding routers per relation graph) must be an integer >= 0")
     if not _is_int(d) or d <= 0:
         raise ValueError(f"d={d!r} (router feature size) must be an integer > 0")
+    _accepted("router_norm", router_norm, NORMS)
     if gamma != "auto":
         gamma = float(gamma)
-    return RDINet(arch, num_classes, gamma, r, d, tau, bool(straight_through), executor)
+    return RDINet(arch, num_classes, gamma, r, d, tau, bool(straight_through), executor, router_norm)
 
 
 def _is_int(value) -> bool:

@@ -1,9 +1,11 @@
-"""Relational routers (paper eqs. 3-8, METHOD.md).
+"""Relational routers (paper eqs. 3-8, docs/method.md).
 
 Router n: s_hat = GAP(x_n); s_tilde = ReLU(FC(s_hat; C_n -> d));
 S_n = (s_{n-r}, ..., s_{n-1}, s_tilde); s_n = ReLU(A S_n W_n)[last row]; logits = FC(s_n; d -> 2).
-Only the last row of A S_n W_n is used, so the router computes (a^T S_n) W_n with a = the last
-row of A: weights (gamma^k, ..., gamma^1, 1) over the rows of S_n (METHOD.md: the transpose of
+norm="batch" puts a BatchNorm before each ReLU (after FC and after the GCN), as ConvNet-AIG's gate
+has one (docs/method.md says why: GAP features are mostly a part all images share, which leaves the
+paper's router too little difference between images to decide on). Only the last row of A S_n W_n is used, so the router computes (a^T S_n) W_n with a = the last
+row of A: weights (gamma^k, ..., gamma^1, 1) over the rows of S_n (docs/method.md: the transpose of
 eq. 4 as printed), or cosine similarities to s_tilde when gamma = "auto" (Table 3).
 """
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 EXECUTE = 1  # index of the "execute" logit; index 0 is "skip"
+NORMS = ("none", "batch")
 
 
 def relation_matrix(rows: int, gamma: float) -> torch.Tensor:
@@ -35,13 +38,18 @@ class RelationalRouter(nn.Module):
     """Router of one block. forward(x_n, previous[, pooled]) -> (s_n, logits); `previous` holds the
     router features s_{n-k} of earlier routers (oldest first); only the last r are used."""
 
-    def __init__(self, in_channels: int, d: int = 256, r: int = 2, gamma: float | str = 0.5):
+    def __init__(self, in_channels: int, d: int = 256, r: int = 2, gamma: float | str = 0.5, norm: str = "none"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"router norm={norm!r} is not known; accepted values: {NORMS}")
         self.r = r
         self.gamma = gamma
+        self.norm = norm
         self.align = nn.Linear(in_channels, d)  # w_n^0, eq. 6
         self.gcn = nn.Linear(d, d, bias=False)  # w_n^1, eq. 7
         self.decide = nn.Linear(d, 2)  # w_n^2, eq. 8
+        self.align_norm = nn.BatchNorm1d(d) if norm == "batch" else nn.Identity()
+        self.gcn_norm = nn.BatchNorm1d(d) if norm == "batch" else nn.Identity()
 
     def num_rows(self, available: int) -> int:
         """Rows of S_n given `available` preceding router features (gamma = 0 needs none)."""
@@ -61,7 +69,7 @@ class RelationalRouter(nn.Module):
             return self._route(pooled.to(self.align.weight.dtype), previous)
 
     def _route(self, pooled: torch.Tensor, previous: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        s_tilde = F.relu(self.align(pooled))
+        s_tilde = F.relu(self.align_norm(self.align(pooled)))
         rows = self.num_rows(len(previous))
         if rows == 1:
             aggregated = s_tilde
@@ -76,7 +84,7 @@ class RelationalRouter(nn.Module):
                 aggregated = s_tilde
                 for k, s_prev in enumerate(reversed(used), start=1):
                     aggregated = torch.add(aggregated, s_prev.to(s_tilde.dtype), alpha=float(self.gamma) ** k)
-        s_n = F.relu(self.gcn(aggregated))
+        s_n = F.relu(self.gcn_norm(self.gcn(aggregated)))
         return s_n, self.decide(s_n)
 
     @staticmethod

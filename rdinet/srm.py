@@ -1,4 +1,4 @@
-"""Sample Relation Module (paper eqs. 10-12, METHOD.md): colour histograms and the rank loss."""
+"""Sample Relation Module (paper eqs. 10-12, docs/method.md): colour histograms and the rank loss."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, enabled_stages, load_config, parse_overrides
+from pipeline.config import ConfigError, dump, enabled_stages, load_config, parse_overrides, with_defaults
 from pipeline.schedule import lr_factor, scaled_lr
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
@@ -56,6 +56,7 @@ def test_overrides_parse_yaml_values():
     ("stages.joint.mode=fast", "stages.joint.mode"),
     ("data.root=", "data.root"),
     ("train.compile=fast", "train.compile"),
+    ("model.router_norm=layer", "model.router_norm"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -98,3 +99,37 @@ def test_the_captured_step_hint_applies_to_jpegs_decoded_on_the_gpu():
     assert not _decodes_jpegs_on_gpu({**imagenet, "decode_device": "cpu"})
     assert not _decodes_jpegs_on_gpu({**imagenet, "device": "cpu"})
     assert not _decodes_jpegs_on_gpu({"dataset": "cifar10", "root": "/data"})
+
+
+def test_shipped_cifar_jobs_route_with_batch_norm_and_the_paper_stays_selectable():
+    """The gates the routing study chose (docs/method.md) are the CIFAR jobs' default; the key's own
+    default, the paper's router, is what the R-32 study and the study's paper row ran."""
+    for job in ("demo.yaml", "cifar10_r110.yaml", "cifar10_r32.yaml", "cifar100_r110.yaml"):
+        model = load_config(JOBS / job, ["data.root=/d"])["model"]
+        assert (model["router_norm"], model["straight_through"]) == ("batch", False), job
+    paper = load_config(JOBS / "cifar10_r110_short" / "paper.yaml", ["data.root=/d"])["model"]
+    assert (paper["router_norm"], paper["straight_through"]) == ("none", False)
+    assert load_config(JOBS / "cifar10_r32_short" / "full.yaml", ["data.root=/d"])["model"]["router_norm"] == "none"
+
+
+def test_a_config_saved_before_a_key_existed_gets_its_default():
+    saved = load_config(None, [])
+    del saved["model"]["router_norm"]
+    filled = with_defaults(saved)
+    assert filled["model"]["router_norm"] == "none" and filled["job"] == "demo"
+    with pytest.raises(ConfigError, match="model.nosuch"):
+        with_defaults({"model": {"nosuch": 1}})
+
+
+def test_a_run_directory_from_before_router_norm_resumes(tmp_path):
+    """A run started before model.router_norm existed (its config.yaml lacks the key) is the
+    paper's router: the same job with router_norm none may resume there, router_norm batch not."""
+    from pipeline.rundir import prepare_run_dir
+    cfg = load_config(JOBS / "cifar10_r110_short" / "paper.yaml", ["data.root=/d"])
+    old = {**cfg, "model": {k: v for k, v in cfg["model"].items() if k != "router_norm"}}
+    (tmp_path / "config.yaml").write_text(dump(old))
+    prepare_run_dir(tmp_path, cfg)
+    (tmp_path / "config.yaml").write_text(dump(old))
+    other = load_config(JOBS / "cifar10_r110_short" / "paper.yaml", ["data.root=/d", "model.router_norm=batch"])
+    with pytest.raises(ValueError, match="was started with model"):
+        prepare_run_dir(tmp_path, other)

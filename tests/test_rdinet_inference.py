@@ -63,7 +63,7 @@ def randomised_bn(model):
     """Eval statistics far from the initial ones, so that folding them is really tested."""
     torch.manual_seed(2)
     for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
+        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):  # the routers' too
             module.running_mean.uniform_(-0.3, 0.3)
             module.running_var.uniform_(0.5, 2.0)
             module.weight.data.uniform_(0.5, 1.5)
@@ -80,9 +80,11 @@ def eval_forward(model, x, seed):
 
 @pytest.mark.parametrize("use_triton,arch,size", [(False, "resnet50", 32), (False, "resnet20", 16),
                                                    pytest.param(True, "resnet50", 32, marks=needs_triton)])
-@pytest.mark.parametrize("mode", ["full", "uniform", "joint"])
-def test_frozen_net_equals_the_model(use_triton, arch, size, mode):  # (BasicBlocks use no row kernels)
-    model = randomised_bn(create_model(arch, num_classes=10, d=16)).to(DEVICE).eval().set_mode(mode)
+@pytest.mark.parametrize("mode,router_norm", [("full", "none"), ("uniform", "none"), ("joint", "none"),
+                                              ("joint", "batch")])
+def test_frozen_net_equals_the_model(use_triton, arch, size, mode, router_norm):  # (BasicBlocks use no row kernels)
+    model = create_model(arch, num_classes=10, d=16, router_norm=router_norm)
+    model = randomised_bn(model).to(DEVICE).eval().set_mode(mode)
     model.uniform_rate = 0.6
     x = torch.randn(6, 3, size, size, device=DEVICE).contiguous(memory_format=torch.channels_last)
     expected = eval_forward(model, x, seed=3)
@@ -90,6 +92,10 @@ def test_frozen_net_equals_the_model(use_triton, arch, size, mode):  # (BasicBlo
     torch.manual_seed(3)  # "uniform" draws its decisions as the model does
     out = frozen(x)
     assert torch.equal(out.gates, expected.gates)
+    if mode == "joint":  # the routers' margins, their BatchNorm's running statistics included
+        torch.testing.assert_close(out.margins, expected.margins, rtol=1e-3, atol=1e-4)
+    else:
+        assert out.margins is None
     if mode != "full":
         assert 0 < out.gates.mean() < 1, "some blocks must be skipped by some samples"
     tol = 2e-3 if CUDA else 1e-4  # TF32 products on a GPU

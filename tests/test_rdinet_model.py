@@ -239,6 +239,57 @@ def test_straight_through_gives_hard_gates_with_gradients():
     assert all(g is not None and g > 0 for g in router_grads(model))
 
 
+def router_logits(model, images):
+    """Each router's logits along the model's eval forward (hard decisions), recomputed by hand."""
+    with torch.no_grad():
+        x, features, logits_per_block = model.stem(images), [], []
+        for n, block in enumerate(model.blocks):
+            s_n, logits = model.routers[n](x, list(features))
+            features = (features + [s_n])[-model.r:]
+            logits_per_block.append(logits)
+            u = (logits[:, 1] > logits[:, 0]).float().view(-1, 1, 1, 1)
+            x = u * block(x) + (1 - u) * block.shortcut(x)
+    return torch.stack(logits_per_block, dim=1)  # (B, N, 2)
+
+
+@pytest.mark.parametrize("router_norm", ["none", "batch"])
+def test_margins_are_the_routers_logit_differences_and_the_eval_rules(router_norm):
+    """out.margins = logit_execute - logit_skip; the hard eval rule executes iff margin > 0, the
+    soft diagnostic rule blends with softmax(logits / tau)[execute] = sigmoid(margin / tau)."""
+    model = small_model(router_norm=router_norm, tau=0.8).eval()
+    images = torch.randn(6, 3, 8, 8)
+    logits = router_logits(model, images)
+    with torch.no_grad():
+        out = model(images)
+        torch.testing.assert_close(out.margins, logits[..., 1] - logits[..., 0])
+        assert torch.equal(out.gates, (out.margins > 0).float())
+        model.eval_gates = "soft"
+        soft = model(images)
+        model.eval_gates = "hard"
+    # block 1's router sees the stem's output under either rule
+    torch.testing.assert_close(soft.gates[:, 0], torch.sigmoid(out.margins[:, 0] / 0.8))
+    torch.testing.assert_close(soft.gates, torch.sigmoid(soft.margins / 0.8))
+    assert ((soft.gates > 0) & (soft.gates < 1)).all()
+    assert model.set_mode("full")(images).margins is None
+    with pytest.raises(ValueError, match="eval_gates='noisy'"):
+        model.eval_gates = "noisy"
+
+
+def test_eval_rule_is_batch_independent_with_router_batch_norm():
+    """The routers' BatchNorm uses its running statistics in eval: an image's decisions do not
+    depend on the images it is batched with."""
+    model = small_model(router_norm="batch").train()
+    for _ in range(3):  # non-trivial running statistics
+        model(torch.randn(16, 3, 8, 8))
+    model.eval()
+    images = torch.randn(10, 3, 8, 8)
+    with torch.no_grad():
+        whole = model(images)
+        parts = [model(images[i:i + 3]) for i in range(0, 10, 3)]
+    torch.testing.assert_close(torch.cat([p.margins for p in parts]), whole.margins, rtol=1e-4, atol=1e-5)
+    assert torch.equal(torch.cat([p.gates for p in parts]), whole.gates)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, CHANNELS_LAST])
 def test_bf16_autocast_on_cpu(memory_format):
     model = small_model().train()

@@ -47,6 +47,10 @@ def test_plan_shares_identical_warmups_only(tmp_path):
     other.write_text(f"extends: {jobs[0]}\njob: sweep_other\noptim: {{lr: 0.01}}\n")
     runs = {r.name: r for r in plan([*jobs, other], ["data.root=x"], tmp_path / "runs")}
     assert runs["other"].needs == "warmup-other"  # another optimiser: a warm-up of its own
+    gates = tmp_path / "gates.yaml"  # the routers' gates and norm: frozen and unused in USW
+    gates.write_text(f"extends: {jobs[0]}\njob: sweep_gates\nmodel: {{router_norm: none, straight_through: true}}\n")
+    runs = {r.name: r for r in plan([*jobs, gates], ["data.root=x"], tmp_path / "runs")}
+    assert runs["gates"].needs == "warmup-t06"
 
 
 def test_sweep_stops_resumes_and_hands_one_warmup_to_every_row(tmp_path):
@@ -75,6 +79,7 @@ def test_sweep_stops_resumes_and_hands_one_warmup_to_every_row(tmp_path):
                                 *[arg for row in ("t06", "usw", "static") for arg in ("--run-dir", str(runs_dir / row))]],
                                cwd=REPO, capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert (runs_dir / "t06" / "accuracy_vs_cost.png").stat().st_size > 1000  # beside the static run
     report = subprocess.run([sys.executable, "-m", "pipeline.report", "--runs-dir", str(runs_dir),
                              "--out", str(tmp_path / "table.md"), "--plot", str(tmp_path / "plot.png")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
@@ -82,7 +87,9 @@ def test_sweep_stops_resumes_and_hands_one_warmup_to_every_row(tmp_path):
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| t06", "| usw", "| static"]
     static = lines[-1].split(" | ")
-    assert static[4] == "1.000" and static[6] == "0 + 1"  # the static network, no warm-up
+    assert static[4] == "1.000" and static[6] == static[7] == "-" and static[8] == "0 + 1"  # no routers, no warm-up
+    routed = lines[2].split(" | ")
+    assert routed[6].endswith(" %") and routed[7][0] in "+-"  # decisions near a tie, soft - hard top-1
     assert float(lines[2].split(" | ")[-1].rstrip(" |")) > 0  # minutes, shared warm-up included
 
 

@@ -205,9 +205,15 @@ def test_evaluate_cli_writes_metrics_and_plots(reference, data_dir, tmp_path):
     assert metrics["samples"] == trained["samples"] == 40
     assert metrics["top1"] == pytest.approx(trained["top1"], abs=0.05)
     assert metrics["ratio"] == pytest.approx(trained["ratio"], abs=0.02)
-    assert len(metrics["block_rates"]) == 9
-    assert (run / "joint" / "block_rates.png").stat().st_size > 1000 and out.stat().st_size > 1000
+    assert len(metrics["block_rates"]) == len(metrics["block_indecisive_share"]) == 9
+    assert 0 <= metrics["indecisive_share"] <= 1 and metrics["top1_soft"] - metrics["top1"] == pytest.approx(
+        metrics["soft_gap"])
+    assert (run / "joint" / "block_rates.png").stat().st_size > 1000
     assert (run / "joint" / "path_groups.png").stat().st_size > 1000
+    # a human table and the paths written; no accuracy-vs-cost plot without a static run to judge against
+    assert proc.stdout.splitlines()[0].split()[:3] == ["run", "top-1", "top-5"]
+    assert "run/joint" in proc.stdout and str(run / "joint" / "eval.json") in proc.stdout
+    assert not out.exists() and "not drawn" in proc.stdout
 
 
 def test_evaluate_cli_on_an_unfinished_run_says_what_to_run(tmp_path):

@@ -1,0 +1,309 @@
+"""A cheap screen of router-training levers on one GPU: the rdinet library and plain torch, no
+DALI or DeepSpeed, every variant a process of its own on the same card (the step is launch-bound,
+so several fill the GPU better than one).
+
+    python benchmarks/router_screen.py --archive cifar10-train-jpeg.tar.gz --out OUT [--arch resnet110]
+        [--warmup 5] [--joint 20] [--variants base,anneal,...] [--deadline SECONDS]
+
+The archive holds train/<class>/<n>.jpg (the image-folder layout of CIFAR-10's training split).
+A fixed 5,000 of its images are held out and scored; the rest train. One USW warm-up is shared by
+every routed variant; each variant then trains its joint stage from it (docs/method.md, "Gates that
+decide", lists the variants and what they measured). Writes OUT/<variant>.json per variant.
+This is a screen, not the pipeline: pipeline.sweep gives the numbers of record.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import rdinet  # noqa: E402
+from rdinet import srm  # noqa: E402
+from rdinet.cost import model_cost  # noqa: E402
+from rdinet.losses import cost_loss, total_loss  # noqa: E402
+
+MEAN = (0.4914 * 255, 0.4822 * 255, 0.4465 * 255)
+STD = (0.2470 * 255, 0.2435 * 255, 0.2616 * 255)
+HOLDOUT = 5000
+LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# Each variant: overrides of the base (soft Gumbel gates, router BatchNorm, the paper's loss).
+VARIANTS = {
+    "static": {"mode": "full"},
+    "static_r56": {"mode": "full", "arch": "resnet56"},
+    "paper": {"router_norm": "none"},
+    "base": {},
+    "anneal": {"tau_end": 0.1},            # tau 1 -> 0.1, geometric over the joint stage
+    "hard_cost": {"hard_cost": True},      # L_cost on the hard decisions, straight-through
+    "anneal05": {"tau_end": 0.5},          # a milder anneal, tau 1 -> 0.5
+    "anneal_hard_cost": {"tau_end": 0.1, "hard_cost": True},
+    "router_wd0": {"router_wd": 0.0},      # no weight decay on the routers
+    "router_lr10": {"router_lr": 10.0},    # routers at 10x the blocks' learning rate
+    "router_lr10_anneal05": {"router_lr": 10.0, "tau_end": 0.5},
+    "vanilla": {"gamma": 0.0, "alpha": 0.0},
+    "st_anneal": {"straight_through": True, "tau_end": 0.1},
+}
+BASE = {"mode": "joint", "arch": None, "router_norm": "batch", "straight_through": False, "gamma": 0.5,
+        "alpha": 0.2, "t": 0.5, "tau_end": 1.0, "hard_cost": False, "router_wd": None, "router_lr": 1.0}
+
+
+def load_archive(path: Path):
+    from PIL import Image
+    images, labels = [], []
+    with tarfile.open(path) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")), key=lambda m: m.name)
+        for m in members:
+            img = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+            images.append(np.asarray(img, dtype=np.uint8))
+            labels.append(LABELS.index(m.name.split("/")[-2]))
+    images, labels = np.stack(images), np.asarray(labels)
+    order = np.random.default_rng(0).permutation(len(labels))
+    held, train = order[:HOLDOUT], order[HOLDOUT:]
+    return (images[train], labels[train]), (images[held], labels[held])
+
+
+class GPUData:
+    """The split on the GPU as normalised float tensors; batches with pad-4 random crop and flip."""
+
+    def __init__(self, images, labels, device):
+        x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float()
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        self.x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        self.y = torch.from_numpy(labels).to(device)
+        self.span = torch.arange(32, device=device).view(1, 32)
+
+    def __len__(self):
+        return len(self.y)
+
+    def train_batches(self, batch: int, generator: torch.Generator):
+        n = len(self.y)
+        order = torch.randperm(n, device=self.x.device, generator=generator)
+        padded = F.pad(self.x, (4, 4, 4, 4))
+        for i in range(0, n - batch + 1, batch):  # drop the last partial batch, as the loader does
+            idx = order[i:i + batch]
+            dy, dx = torch.randint(0, 9, (2, batch, 1), generator=generator, device=self.x.device)
+            flip = torch.rand(batch, 1, device=self.x.device, generator=generator) < 0.5
+            cols = torch.where(flip, 31 - self.span, self.span) + dx  # a flip reverses the columns
+            rows = self.span + dy
+            # per-image crop and flip by indexing: (B, 32, 32, C) -> (B, C, 32, 32)
+            x = padded[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+            yield x.contiguous(memory_format=torch.channels_last), self.y[idx]
+
+
+def make_model(v: dict, device):
+    model = rdinet.create_model(v["arch"], num_classes=10, gamma=v["gamma"], r=2, d=256,
+                                straight_through=v["straight_through"], executor="masked",
+                                router_norm=v["router_norm"])
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
+def make_optimizer(model, v: dict, lr: float):
+    groups = [{"params": list(model.block_parameters()), "weight_decay": 1e-4}]
+    if v["mode"] == "joint":
+        wd = 1e-4 if v["router_wd"] is None else v["router_wd"]
+        groups.append({"params": list(model.router_parameters()), "weight_decay": wd, "lr": lr * v["router_lr"]})
+    for g in groups:
+        g.setdefault("lr", lr)
+        g["initial_lr"] = g["lr"]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, fused=fused)
+
+
+def make_loss_terms(v: dict):
+    def loss_terms(images, logits, gates, labels):
+        if v["mode"] != "joint":
+            cls = F.cross_entropy(logits.float(), labels)
+            return {"loss": cls}
+        gates = gates.float()
+        hist = srm.color_histograms(images, bins=16, mean=MEAN, std=STD) if v["alpha"] > 0 else None
+        terms = total_loss(logits, labels, gates, hist, t=v["t"], alpha=v["alpha"])
+        if v["hard_cost"]:  # the cost of the sampled hard decisions, straight-through
+            hard = gates + ((gates > 0.5).float() - gates).detach()
+            terms["loss"] = terms["loss"] - terms["cost"] + cost_loss(hard, v["t"])
+        return terms
+    return loss_terms
+
+
+def eager_step(model, opt, loss_terms):
+    def step(x, y):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = model(x)
+        terms = loss_terms(x, out.logits, out.gates, y)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        return terms, out.gates
+    return step
+
+
+def train_stage(model, data, v, epochs, milestones, tau_end, log, deadline):
+    """SGD 0.1 / 0.9 / 1e-4, batch 256, x0.1 at each milestone; the step one CUDA graph on a GPU.
+    tau goes geometrically from 1 to tau_end over the stage, through a device tensor that the
+    captured step reads."""
+    opt = make_optimizer(model, v, 0.1)
+    gen = torch.Generator(device=data.x.device).manual_seed(1)
+    steps = len(data) // 256
+    total = epochs * steps
+    on_gpu = data.x.device.type == "cuda"
+    tau = torch.ones((), device=data.x.device)
+    model._tau = tau  # a tensor in place of the float: read at replay, not at capture
+    loss_terms = make_loss_terms(v)
+    step_fn = None
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        for x, y in data.train_batches(256, gen):
+            factor = 0.1 ** sum(epoch >= m for m in milestones)
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * factor
+            tau.fill_(tau_end ** (step / max(total - 1, 1)))
+            if step_fn is None:
+                if on_gpu:
+                    from pipeline.graphed_step import GraphedStep
+                    step_fn = GraphedStep(model, opt, loss_terms, x, y, bf16=True)
+                else:
+                    step_fn = eager_step(model, opt, loss_terms)
+            terms, _ = step_fn(x, y)
+            step += 1
+        log(f"epoch {epoch + 1}/{epochs} loss {terms['loss'].item():.3f} tau {float(tau):.3f} {time.time():.0f}")
+        if time.time() > deadline:
+            log("deadline reached: stopping early")
+            done = epoch + 1
+            break
+    else:
+        done = epochs
+    model.tau = float(tau)
+    return done
+
+
+@torch.no_grad()
+def evaluate(model, data, v) -> dict:
+    model.eval()
+    result = {}
+    rules = ["hard", "soft"] if v["mode"] == "joint" else ["hard"]
+    for rule in rules:
+        model.eval_gates = rule
+        correct, gates, margins = 0, [], []
+        for i in range(0, len(data), 500):
+            with torch.autocast(data.x.device.type, dtype=torch.bfloat16):
+                out = model(data.x[i:i + 500])
+            correct += int((out.logits.argmax(1) == data.y[i:i + 500]).sum())
+            gates.append(out.gates.float().cpu())
+            if out.margins is not None:
+                margins.append(out.margins.float().cpu())
+        result[f"top1_{rule}"] = 100.0 * correct / len(data)
+        if rule == "hard":
+            g = torch.cat(gates)
+            result["cost_ratio"] = model_cost(model, g)["ratio"]
+            result["block_rates"] = g.mean(0).tolist()
+            result["image_rate_std"] = float(g.mean(1).std())
+            if margins:
+                m = torch.cat(margins)
+                result["indecisive_share"] = float((m.abs() < 1).float().mean())
+                result["mean_abs_margin"] = float(m.abs().mean())
+    model.eval_gates = "hard"
+    if "top1_soft" in result:
+        result["soft_gap"] = result["top1_soft"] - result["top1_hard"]
+    return result
+
+
+def run_variant(name, overrides, args, warm_path, out_dir):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    v = {**BASE, "arch": args.arch, **overrides}
+    logf = open(out_dir / f"{name}.log", "w")
+    log = lambda msg: (logf.write(msg + "\n"), logf.flush())  # noqa: E731
+    (train, held) = torch.load(out_dir / "data.pt", weights_only=False)
+    train_data, held_data = GPUData(*train, device), GPUData(*held, device)
+    model = make_model(v, device)
+    deadline = args.start + args.deadline
+    t0 = time.time()
+    if v["mode"] == "full":
+        model.set_mode("full")
+        epochs = args.warmup + args.joint
+        milestones = [round(epochs * 0.68), round(epochs * 0.88)]
+        done = train_stage(model, train_data, v, epochs, milestones, 1.0, log, deadline)
+    else:
+        blocks = torch.load(warm_path, map_location=device)
+        model.load_state_dict({k: t for k, t in blocks.items() if not k.startswith("routers.")}, strict=False)
+        model.set_mode("joint")
+        milestones = [round(args.joint * 0.6), round(args.joint * 0.85)]
+        done = train_stage(model, train_data, v, args.joint, milestones, v["tau_end"], log, deadline)
+    result = {"variant": name, "settings": v, "epochs_done": done, "train_s": time.time() - t0,
+              **evaluate(model, held_data, v)}
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    log(json.dumps({k: val for k, val in result.items() if k != "block_rates"}))
+
+
+def warm_up(args, out_dir) -> Path:
+    """The shared USW warm-up (routers off, each block of each sample runs with probability 0.5)."""
+    path = out_dir / f"warmup_{args.arch}.pt"
+    if path.exists():
+        return path
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    (train, _) = torch.load(out_dir / "data.pt", weights_only=False)
+    v = {**BASE, "arch": args.arch, "mode": "uniform"}
+    model = make_model(v, device).set_mode("uniform")
+    logf = open(out_dir / "warmup.log", "w")
+    train_stage(model, GPUData(*train, device), v, args.warmup, [], 1.0,
+                lambda m: (logf.write(m + "\n"), logf.flush()), math.inf)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--archive", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--arch", default="resnet110")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--joint", type=int, default=20)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--limit", type=int, default=0, help="train on this many images only (a smoke test)")
+    ap.add_argument("--deadline", type=float, default=math.inf, help="seconds after which variants stop training")
+    args = ap.parse_args()
+    args.start = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    if not (args.out / "data.pt").exists():
+        (train, held) = load_archive(args.archive)
+        if args.limit:
+            train, held = (train[0][:args.limit], train[1][:args.limit]), (held[0][:500], held[1][:500])
+        torch.save((train, held), args.out / "data.pt")
+    print(f"data ready {time.time() - args.start:.0f}s", flush=True)
+    warm = warm_up(args, args.out) if any(VARIANTS[n].get("mode") != "full" for n in names) else None
+    print(f"warm-up done {time.time() - args.start:.0f}s", flush=True)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=run_variant, args=(n, VARIANTS[n], args, warm, args.out)) for n in names]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    print(f"variants done {time.time() - args.start:.0f}s", flush=True)
+    rows = [json.loads((args.out / f"{n}.json").read_text()) for n in names if (args.out / f"{n}.json").exists()]
+    for r in rows:
+        print(f"{r['variant']:18s} ep {r['epochs_done']:3d} top1 {r['top1_hard']:6.2f} "
+              f"soft {r.get('top1_soft', float('nan')):6.2f} cost {r['cost_ratio']:.3f} "
+              f"|m|<1 {r.get('indecisive_share', float('nan')):.3f} img_std {r['image_rate_std']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
