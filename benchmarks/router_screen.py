@@ -32,6 +32,7 @@ import rdinet  # noqa: E402
 from rdinet import srm  # noqa: E402
 from rdinet.cost import model_cost  # noqa: E402
 from rdinet.losses import cost_loss, total_loss  # noqa: E402
+from pipeline.evaluate import RouterStats  # noqa: E402
 
 MEAN = (0.4914 * 255, 0.4822 * 255, 0.4465 * 255)
 STD = (0.2470 * 255, 0.2435 * 255, 0.2616 * 255)
@@ -195,24 +196,24 @@ def evaluate(model, data, v) -> dict:
     rules = ["hard", "soft"] if v["mode"] == "joint" else ["hard"]
     for rule in rules:
         model.eval_gates = rule
-        correct, gates, margins = 0, [], []
+        correct, gates = 0, []
+        stats = RouterStats(model.num_blocks, model.tau, data.x.device)
         for i in range(0, len(data), 500):
             with torch.autocast(data.x.device.type, dtype=torch.bfloat16):
                 out = model(data.x[i:i + 500])
             correct += int((out.logits.argmax(1) == data.y[i:i + 500]).sum())
             gates.append(out.gates.float().cpu())
             if out.margins is not None:
-                margins.append(out.margins.float().cpu())
+                stats.add(out.margins, out.gates)
         result[f"top1_{rule}"] = 100.0 * correct / len(data)
         if rule == "hard":
             g = torch.cat(gates)
             result["cost_ratio"] = model_cost(model, g)["ratio"]
             result["block_rates"] = g.mean(0).tolist()
             result["image_rate_std"] = float(g.mean(1).std())
-            if margins:
-                m = torch.cat(margins)
-                result["indecisive_share"] = float((m.abs() < 1).float().mean())
-                result["mean_abs_margin"] = float(m.abs().mean())
+            if v["mode"] == "joint":  # the pipeline's measures of decisiveness
+                routing = stats.metrics(stats.packed(), len(data))
+                result.update({k: routing[k] for k in ("indecisive_share", "mean_abs_margin")})
     model.eval_gates = "hard"
     if "top1_soft" in result:
         result["soft_gap"] = result["top1_soft"] - result["top1_hard"]

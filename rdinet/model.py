@@ -22,8 +22,8 @@ EVAL_GATES = ("hard", "soft")
 class RDIOutput:
     logits: torch.Tensor  # (B, num_classes)
     gates: torch.Tensor  # (B, N): relaxed v (joint training), 0/1 u otherwise
-    # (B, N) execute-minus-skip router logits in "joint" mode (None otherwise): how far each
-    # decision is from a tie, before any Gumbel noise
+    # (B, N) execute-minus-skip router logits in "joint" mode in eval (None otherwise): how far
+    # each decision is from a tie
     margins: torch.Tensor | None = None
 
 
@@ -126,8 +126,9 @@ class RDINet(nn.Module):
                 if self._mode == "joint":
                     s_n, logits = self.routers[n](x, router_features, pooled)
                     router_features = (router_features + [s_n])[-self.r:] if self.r else []
-                    margins.append(logits[:, EXECUTE].float() - logits[:, 1 - EXECUTE].float())
-                    gate = self._decide(logits)
+                    gate, margin = self._decide(logits)
+                    if margin is not None:
+                        margins.append(margin)
                 else:
                     gate = sampled[:, n]
                 if skip:
@@ -142,13 +143,15 @@ class RDINet(nn.Module):
         return RDIOutput(logits=logits, gates=torch.stack(gates, dim=1),
                          margins=torch.stack(margins, dim=1) if margins else None)
 
-    def _decide(self, logits: torch.Tensor) -> torch.Tensor:
+    def _decide(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(gate, margin); the margin is an eval diagnostic, so the training step skips it."""
         logits = logits.float()
         if self.training:
-            return F.gumbel_softmax(logits, tau=self._tau, hard=self.straight_through)[:, EXECUTE]
+            return F.gumbel_softmax(logits, tau=self._tau, hard=self.straight_through)[:, EXECUTE], None
+        margin = logits[:, EXECUTE] - logits[:, 1 - EXECUTE]
         if self._eval_gates == "soft":
-            return torch.softmax(logits / self._tau, dim=1)[:, EXECUTE]
-        return (logits[:, EXECUTE] > logits[:, 1 - EXECUTE]).float()
+            return torch.softmax(logits / self._tau, dim=1)[:, EXECUTE], margin
+        return (margin > 0).float(), margin
 
 
 def _accepted(name: str, value: str, accepted: tuple[str, ...]) -> str:

@@ -4,7 +4,9 @@ Router n: s_hat = GAP(x_n); s_tilde = ReLU(FC(s_hat; C_n -> d));
 S_n = (s_{n-r}, ..., s_{n-1}, s_tilde); s_n = ReLU(A S_n W_n)[last row]; logits = FC(s_n; d -> 2).
 norm="batch" puts a BatchNorm before each ReLU (after FC and after the GCN), as ConvNet-AIG's gate
 has one (docs/method.md says why: GAP features are mostly a part all images share, which leaves the
-paper's router too little difference between images to decide on). Only the last row of A S_n W_n is used, so the router computes (a^T S_n) W_n with a = the last
+paper's router too little difference between images to decide on).
+
+Only the last row of A S_n W_n is used, so the router computes (a^T S_n) W_n with a = the last
 row of A: weights (gamma^k, ..., gamma^1, 1) over the rows of S_n (docs/method.md: the transpose of
 eq. 4 as printed), or cosine similarities to s_tilde when gamma = "auto" (Table 3).
 """
