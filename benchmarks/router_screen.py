@@ -14,12 +14,15 @@ This is a screen, not the pipeline: pipeline.sweep gives the numbers of record.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
+import itertools
 import json
 import math
 import sys
 import tarfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +57,16 @@ VARIANTS = {
     "router_lr10_anneal05": {"router_lr": 10.0, "tau_end": 0.5},
     "vanilla": {"gamma": 0.0, "alpha": 0.0},
     "st_anneal": {"straight_through": True, "tau_end": 0.1},
+    "hard_tail": {"hard_tail": 0.25},      # the last quarter of the joint stage straight-through
+    "hard_tail_anneal05": {"hard_tail": 0.25, "tau_end": 0.5},
+    "hard_tail50": {"hard_tail": 0.5},
+    "hard_tail_frozen": {"hard_tail": 0.25, "tail_router_lr": 0.0},  # decisions fixed in the tail
+    "base_s1": {"seed": 1},                # the joint stage again from another seed: the noise
+    "hard_tail_s1": {"hard_tail": 0.25, "seed": 1},
 }
 BASE = {"mode": "joint", "arch": None, "router_norm": "batch", "straight_through": False, "gamma": 0.5,
-        "alpha": 0.2, "t": 0.5, "tau_end": 1.0, "hard_cost": False, "router_wd": None, "router_lr": 1.0}
+        "alpha": 0.2, "t": 0.5, "tau_end": 1.0, "hard_cost": False, "router_wd": None, "router_lr": 1.0,
+        "hard_tail": 0.0, "tail_router_lr": None, "seed": 0}
 
 
 def load_archive(path: Path):
@@ -154,7 +164,7 @@ def train_stage(model, data, v, epochs, milestones, tau_end, log, deadline):
     tau goes geometrically from 1 to tau_end over the stage, through a device tensor that the
     captured step reads."""
     opt = make_optimizer(model, v, 0.1)
-    gen = torch.Generator(device=data.x.device).manual_seed(1)
+    gen = torch.Generator(device=data.x.device).manual_seed(1 + v["seed"])
     steps = len(data) // 256
     total = epochs * steps
     on_gpu = data.x.device.type == "cuda"
@@ -163,8 +173,14 @@ def train_stage(model, data, v, epochs, milestones, tau_end, log, deadline):
     loss_terms = make_loss_terms(v)
     step_fn = None
     step = 0
+    hard_from = epochs - round(epochs * v["hard_tail"])
     for epoch in range(epochs):
         model.train()
+        if epoch == hard_from and v["hard_tail"] and not model.straight_through:
+            model.straight_through = True
+            step_fn = None  # the captured step read the flag at capture: capture it again
+            if v["tail_router_lr"] is not None and len(opt.param_groups) > 1:
+                opt.param_groups[1]["initial_lr"] *= v["tail_router_lr"]
         for x, y in data.train_batches(256, gen):
             factor = 0.1 ** sum(epoch >= m for m in milestones)
             for g in opt.param_groups:
@@ -190,10 +206,30 @@ def train_stage(model, data, v, epochs, milestones, tau_end, log, deadline):
 
 
 @torch.no_grad()
-def evaluate(model, data, v) -> dict:
+def evaluate(model, data, v, train_data=None) -> dict:
+    """Hard and soft top-1 and decisiveness; for routed nets also hard top-1 after recomputing
+    BatchNorm statistics under the hard decisions (the blocks' over all samples, the same with the
+    routers', the blocks' over the samples that execute them)."""
+    result = score(model, data, v)
+    if v["mode"] != "joint" or train_data is None:
+        return result
+    gen = torch.Generator(device=data.x.device).manual_seed(2)
+    for key, routers, executor in (("recal", False, "masked"), ("recal_routers", True, "masked"),
+                                   ("recal_skip", False, "skip")):
+        calibrated = copy.deepcopy(model)
+        with torch.autocast(data.x.device.type, dtype=torch.bfloat16):
+            recalibrate_bn(calibrated, (x for x, _ in train_data.train_batches(256, gen)), routers, executor)
+        after = score(calibrated, data, {**v, "soft": False})
+        result.update({f"top1_{key}": after["top1_hard"], f"cost_{key}": after["cost_ratio"],
+                       f"indecisive_{key}": after.get("indecisive_share")})
+    return result
+
+
+@torch.no_grad()
+def score(model, data, v) -> dict:
     model.eval()
     result = {}
-    rules = ["hard", "soft"] if v["mode"] == "joint" else ["hard"]
+    rules = ["hard", "soft"] if v["mode"] == "joint" and v.get("soft", True) else ["hard"]
     for rule in rules:
         model.eval_gates = rule
         correct, gates = 0, []
@@ -220,11 +256,54 @@ def evaluate(model, data, v) -> dict:
     return result
 
 
+@torch.no_grad()
+def recalibrate_bn(model, batches: Iterable[torch.Tensor], routers: bool = False,
+                executor: str = "masked") -> int:
+    """Recompute the running statistics of the stem's and the blocks' BatchNorms (and the routers'
+    with routers=True) from `batches` of images under the hard eval decisions: the lever that
+    asks whether the soft-hard gap is one of BatchNorm statistics (docs/method.md: it is not).
+    executor "masked" shows each block's BatchNorms every sample, as training does; "skip" only
+    those that execute it. torch.optim.swa_utils.update_bn would put the routers in train mode,
+    where they sample soft gates."""
+    norms = _batch_norms(model, routers)
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:  # checked before any statistic is reset
+        raise ValueError("recalibrate needs at least one batch of images; `batches` was empty")
+    if not norms:
+        return 0
+    saved = (model.training, model.executor, model.eval_gates)
+    momenta = [bn.momentum for bn in norms]
+    model.eval()
+    model.executor, model.eval_gates = executor, "hard"
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over every batch, not an exponential one
+        bn.train()
+    seen = 0
+    try:
+        for images in itertools.chain([first], batches):
+            model(images)
+            seen += images.shape[0]
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+            bn.eval()
+        model.executor, model.eval_gates = saved[1], saved[2]
+        model.train(saved[0])
+    return seen
+
+
+def _batch_norms(model, routers: bool) -> list:
+    parts = [model.stem, model.blocks] + ([model.routers] if routers else [])
+    return [m for part in parts for m in part.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 def run_variant(name, overrides, args, warm_path, out_dir):
-    torch.manual_seed(0)
+    v = {**BASE, "arch": args.arch, **overrides}
+    torch.manual_seed(v["seed"])
     torch.set_num_threads(1)
     device = torch.device(args.device)
-    v = {**BASE, "arch": args.arch, **overrides}
     logf = open(out_dir / f"{name}.log", "w")
     log = lambda msg: (logf.write(msg + "\n"), logf.flush())  # noqa: E731
     (train, held) = torch.load(out_dir / "data.pt", weights_only=False)
@@ -244,7 +323,7 @@ def run_variant(name, overrides, args, warm_path, out_dir):
         milestones = [round(args.joint * 0.6), round(args.joint * 0.85)]
         done = train_stage(model, train_data, v, args.joint, milestones, v["tau_end"], log, deadline)
     result = {"variant": name, "settings": v, "epochs_done": done, "train_s": time.time() - t0,
-              **evaluate(model, held_data, v)}
+              **evaluate(model, held_data, v, train_data)}
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     log(json.dumps({k: val for k, val in result.items() if k != "block_rates"}))
 
@@ -303,7 +382,9 @@ def main():
     for r in rows:
         print(f"{r['variant']:18s} ep {r['epochs_done']:3d} top1 {r['top1_hard']:6.2f} "
               f"soft {r.get('top1_soft', float('nan')):6.2f} cost {r['cost_ratio']:.3f} "
-              f"|m|<1 {r.get('indecisive_share', float('nan')):.3f} img_std {r['image_rate_std']:.3f}")
+              f"|m|<1 {r.get('indecisive_share', float('nan')):.3f} img_std {r['image_rate_std']:.3f} "
+              f"recal {r.get('top1_recal', float('nan')):6.2f} @{r.get('cost_recal', float('nan')):.3f} "
+              f"recal+routers {r.get('top1_recal_routers', float('nan')):6.2f}")
 
 
 if __name__ == "__main__":

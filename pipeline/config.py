@@ -52,7 +52,11 @@ DEFAULTS = {
         # USW warm-up (eq. 14). epochs 0 disables it: joint then starts from scratch.
         "warmup": {"epochs": 30, "milestones": []},
         # mode "joint": routers + L_cost + alpha L_rank (eq. 16); "full": the static ResNet baseline.
-        "joint": {"epochs": 320, "milestones": [250, 300], "mode": "joint"},
+        "joint": {"epochs": 320, "milestones": [250, 300], "mode": "joint",
+                  # The share of the joint epochs, at its end, trained with hard 0/1 decisions
+                  # forward (straight-through): the blocks adapt to the paths eval runs (0: the
+                  # paper's soft gates throughout; docs/method.md).
+                  "hard_tail": 0.0},
     },
     "loss": {
         "t": 0.5,  # target execution rate (eq. 15)
@@ -203,6 +207,8 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"config key 'stages.{stage}.epochs' must be >= 0")
     if cfg["stages"]["joint"]["epochs"] < 1:
         raise ConfigError("config key 'stages.joint.epochs' must be >= 1")
+    if not 0.0 <= cfg["stages"]["joint"]["hard_tail"] <= 1.0:
+        raise ConfigError("config key 'stages.joint.hard_tail' is a share of the joint epochs: give a number in [0, 1]")
 
 
 def enabled_stages(cfg: dict) -> list[str]:

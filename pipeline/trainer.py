@@ -293,9 +293,14 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
         log(f"{stage}: data.decode_device=mixed under train.cuda_graph: the captured step leaves the GPU no idle "
             "time, and the JPEG decoder's per-image GPU work waits behind it, so each step waits for its batch; "
             "data.decode_device=cpu fed RDI-Net-50 at 0.99 of synthetic-data speed against 0.87-0.88 (H200, 16 cores)")
+    hard_from = hard_tail_start(stage_cfg, mode)
     while state["epoch"] < epochs:
         engine.train()
         net.set_mode(mode)
+        if state["epoch"] >= hard_from and not net.straight_through:
+            net.straight_through = True
+            graphed = None  # the captured step read the soft rule at capture: capture it again
+            log(f"{stage}: epochs {hard_from + 1}-{epochs} train with hard decisions (stages.joint.hard_tail)")
         progress = _progress(accelerator, tcfg, stage, state, steps_per_epoch, epochs)
         tick, seen, requeue = time.perf_counter(), 0, False
         for images, labels in train_loader:
@@ -375,6 +380,12 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
         writer.close()
     accelerator.wait_for_everyone()
     return 0
+
+
+def hard_tail_start(stage_cfg: dict, mode: str) -> float:
+    """The first epoch of the joint stage's straight-through tail (inf: none)."""
+    tail = round(stage_cfg["epochs"] * stage_cfg["hard_tail"]) if mode == "joint" else 0
+    return stage_cfg["epochs"] - tail if tail > 0 else math.inf
 
 
 def _can_graph_step(accelerator, log, stage: str) -> bool:

@@ -26,7 +26,7 @@ def test_every_shipped_job_resolves(job):
 def test_paper_schedule_in_cifar10_r110():
     cfg = load_config(JOBS / "cifar10_r110.yaml", ["data.root=/d"])
     assert cfg["stages"]["warmup"]["epochs"] == 30
-    assert cfg["stages"]["joint"] == {"epochs": 320, "milestones": [250, 300], "mode": "joint"}
+    assert cfg["stages"]["joint"] == {"epochs": 320, "milestones": [250, 300], "mode": "joint", "hard_tail": 0.25}
     assert (cfg["model"]["d"], cfg["model"]["gamma"], cfg["model"]["r"]) == (256, 0.5, 2)
     assert (cfg["loss"]["alpha"], cfg["loss"]["phi"]) == (0.2, 0.5)
 
@@ -57,6 +57,8 @@ def test_overrides_parse_yaml_values():
     ("data.root=", "data.root"),
     ("train.compile=fast", "train.compile"),
     ("model.router_norm=layer", "model.router_norm"),
+    ("stages.joint.hard_tail=1.5", "stages.joint.hard_tail"),
+    ("stages.warmup.hard_tail=0.5", "stages.warmup.hard_tail"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -110,6 +112,16 @@ def test_shipped_cifar_jobs_route_with_batch_norm_and_the_paper_stays_selectable
     paper = load_config(JOBS / "cifar10_r110_short" / "paper.yaml", ["data.root=/d"])["model"]
     assert (paper["router_norm"], paper["straight_through"]) == ("none", False)
     assert load_config(JOBS / "cifar10_r32_short" / "full.yaml", ["data.root=/d"])["model"]["router_norm"] == "none"
+
+
+def test_hard_tail_is_the_last_share_of_the_joint_epochs():
+    from pipeline.trainer import hard_tail_start
+    assert hard_tail_start({"epochs": 20, "hard_tail": 0.25}, "joint") == 15
+    assert hard_tail_start({"epochs": 20, "hard_tail": 1.0}, "joint") == 0
+    assert hard_tail_start({"epochs": 20, "hard_tail": 0.0}, "joint") == float("inf")
+    assert hard_tail_start({"epochs": 20, "hard_tail": 0.25}, "full") == float("inf")  # no routers, no gates
+    assert load_config(JOBS / "cifar10_r110.yaml", ["data.root=/d"])["stages"]["joint"]["hard_tail"] == 0.25
+    assert load_config(JOBS / "cifar10_r110_short" / "paper.yaml", ["data.root=/d"])["stages"]["joint"]["hard_tail"] == 0
 
 
 def test_a_config_saved_before_a_key_existed_gets_its_default():

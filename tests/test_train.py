@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 TINY = ["data.generated_size=8", "data.generated_val_size=4", "data.batch_size=16", "data.eval_batch_size=20",
         "stages.warmup.epochs=1", "stages.joint.epochs=2", "stages.joint.milestones=[1]",
-        "train.checkpoint_every=2", "train.deterministic=true", "train.progress=false", "model.d=32"]
+        "train.checkpoint_every=2", "train.deterministic=true", "train.progress=false", "model.d=32",
+        "stages.joint.hard_tail=0.5"]  # the second joint epoch with hard decisions: resumes cross the switch
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +65,7 @@ def test_two_process_deepspeed_run_completes_both_stages(reference):
     out = proc.stdout + proc.stderr
     assert "2 process(es), DeepSpeed ZeRO-2" in out
     assert "blocks initialised from" in out
+    assert "joint: epochs 2-2 train with hard decisions" in out
     for stage in ("warmup", "joint"):
         m = manifest(run, stage)
         assert m["world_size"] == 2 and m["stage"] == stage
