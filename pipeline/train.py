@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import os
 import signal
 import sys
@@ -29,7 +30,7 @@ COMPILE_CACHE_CHOSEN = "TORCHINDUCTOR_CACHE_DIR" in os.environ
 
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline.config import ConfigError, STAGES, enabled_stages, load_config  # noqa: E402
-from pipeline.rundir import prepare_run_dir  # noqa: E402
+from pipeline.rundir import check_run_dir, record_config  # noqa: E402
 
 USAGE_EXIT = 2
 
@@ -66,6 +67,23 @@ def die_with_the_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def claim_run_dir(run_dir: Path, cfg: dict) -> None:
+    """Called by each stage once its data is checked: only from then on does the run directory get
+    the run's config and compile cache, so a start that fails (no data) leaves neither behind."""
+    if cfg["train"]["compile"] != "none" and not COMPILE_CACHE_CHOSEN:
+        # torch.compile's caches in the run directory: a stage resumed after preemption or a time
+        # limit, on any node that sees the run directory, loads its compiled graphs instead of
+        # compiling them again (minutes for RDI-Net-110). torch's default is node-local. Inductor
+        # reads the variable whenever it compiles, so setting it now, before the first compile, holds.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(run_dir).resolve() / "compile_cache")
+    if is_rank_zero():
+        record_config(run_dir, cfg)
+
+
 def main(argv=None) -> int:
     die_with_the_launcher()
     args = parse_args(argv)
@@ -76,15 +94,13 @@ def main(argv=None) -> int:
         if args.stage is not None and args.stage not in stages:
             raise ConfigError(f"stage '{args.stage}' is disabled in this job (stages.{args.stage}.epochs is 0)")
         todo = [args.stage] if args.stage else stages
-        prepare_run_dir(run_dir, cfg)
+        changed = check_run_dir(run_dir, cfg)
     except (ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USAGE_EXIT
-    if cfg["train"]["compile"] != "none" and not COMPILE_CACHE_CHOSEN:
-        # torch.compile's caches in the run directory: a stage resumed after preemption or a time
-        # limit, on any node that sees the run directory, loads its compiled graphs instead of
-        # compiling them again (minutes for RDI-Net-110). torch's default is node-local.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(run_dir).resolve() / "compile_cache")
+    if changed and is_rank_zero():
+        print("note: resuming with " + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+              + f"; {run_dir / 'config.yaml'} takes the new values once a stage starts", flush=True)
 
     from pipeline.data import DataError
     from pipeline.trainer import REQUEUE_EXIT, process_stopper, run_stage
@@ -103,7 +119,7 @@ def main(argv=None) -> int:
                   f"--stage warmup", file=sys.stderr)
             return USAGE_EXIT
         try:
-            code = run_stage(cfg, stage, run_dir)
+            code = run_stage(cfg, stage, run_dir, on_start=functools.partial(claim_run_dir, run_dir, cfg))
         except (ConfigError, DataError, FileNotFoundError, ckpt.CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return USAGE_EXIT

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import rdinet
 from rdinet import srm
@@ -206,10 +207,11 @@ def _raise_non_finite(stage: str, bad, ckpt_dir: Path):
                              f"kept in {ckpt_dir}; lower optim.lr or check the data.")
 
 
-def run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
-    """Train one stage; returns 0 when complete, REQUEUE_EXIT when stopped by a signal."""
+def run_stage(cfg: dict, stage: str, run_dir: Path, on_start=None) -> int:
+    """Train one stage; returns 0 when complete, REQUEUE_EXIT when stopped by a signal. `on_start()`
+    is called on every rank once the stage has started: its model built and its data loaders made."""
     try:
-        return _run_stage(cfg, stage, run_dir)
+        return _run_stage(cfg, stage, run_dir, on_start or (lambda: None))
     finally:
         # The next stage builds its own engine in this process. accelerate allows one DeepSpeed
         # plugin per AcceleratorState, so forget it (the process group itself stays up).
@@ -218,7 +220,7 @@ def run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
         GradientState._reset_state()
 
 
-def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
+def _run_stage(cfg: dict, stage: str, run_dir: Path, on_start) -> int:
     stage_dir = run_dir / stage
     ckpt_dir = stage_dir / "checkpoints"
     stopper = process_stopper()
@@ -245,6 +247,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
     device_id = accelerator.local_process_index if on_gpu else None
     train_loader = build_loader(data_cfg, "train", shard_id=rank, num_shards=world, device_id=device_id, seed=cfg["seed"])
     val_loader = build_loader(data_cfg, "val", shard_id=rank, num_shards=world, device_id=device_id, seed=cfg["seed"])
+    on_start()
     steps_per_epoch = len(train_loader)
     global_batch = data_cfg["batch_size"] * world
 
@@ -294,6 +297,12 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
             "time, and the JPEG decoder's per-image GPU work waits behind it, so each step waits for its batch; "
             "data.decode_device=cpu fed RDI-Net-50 at 0.99 of synthetic-data speed against 0.87-0.88 (H200, 16 cores)")
     hard_from = hard_tail_start(stage_cfg, mode)
+    # The stage's pace is this process's: steps restored from a checkpoint took no time here.
+    pace_since, pace_first_step, stage_steps = time.perf_counter(), state["step"], epochs * steps_per_epoch
+
+    def eta() -> str:
+        return stage_eta(state["step"], pace_first_step, time.perf_counter() - pace_since, stage_steps)
+
     while state["epoch"] < epochs:
         engine.train()
         net.set_mode(mode)
@@ -301,7 +310,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
             net.straight_through = True
             graphed = None  # the captured step read the soft rule at capture: capture it again
             log(f"{stage}: epochs {hard_from + 1}-{epochs} train with hard decisions (stages.joint.hard_tail)")
-        progress = _progress(accelerator, tcfg, stage, state, steps_per_epoch, epochs)
+        progress = _progress(accelerator, tcfg, stage, state, steps_per_epoch, epochs, eta())
         tick, seen, requeue = time.perf_counter(), 0, False
         for images, labels in train_loader:
             if not bf16:
@@ -332,6 +341,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
                 rate = seen / (time.perf_counter() - tick)
                 _log_train(writer, state["step"], terms, gates, scheduler, rate, mode)
                 if progress is not None:
+                    progress.set_description_str(_epoch_label(stage, state, epochs, eta()), refresh=False)
                     progress.set_postfix(loss=f"{float(terms['loss']):.3f}", img_s=f"{rate:.0f}")
             requeue = stop or state["step"] == tcfg["stop_at_step"]
             if state["batch_in_epoch"] == steps_per_epoch:
@@ -347,7 +357,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path) -> int:
         stop, bad = flags.drain()  # waits for the last step's flags, so the GPU has caught up
         epoch_s = time.perf_counter() - tick
         log(f"{stage} epoch {state['epoch'] + 1}/{epochs}: trained {seen} images in {epoch_s:.1f} s "
-            f"({seen / epoch_s:.0f} img/s)")
+            f"({seen / epoch_s:.0f} img/s), stage ETA {eta()}")
         if bad:
             _raise_non_finite(stage, bad, ckpt_dir)
         if cache_counts is not None:
@@ -410,12 +420,25 @@ def compile_cache_counts() -> tuple[int, int]:
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
-def _progress(accelerator, tcfg, stage, state, steps_per_epoch, epochs):
+def stage_eta(step: int, first_step: int, elapsed_s: float, stage_steps: int) -> str:
+    """Time left for the stage's steps after `step`, at the pace of the steps this process ran since
+    `first_step` in `elapsed_s` (validation and checkpoints included); "?" before it has run one."""
+    done_here = step - first_step
+    if done_here <= 0 or elapsed_s <= 0:
+        return "?"
+    return tqdm.format_interval(elapsed_s / done_here * max(stage_steps - step, 0))
+
+
+def _epoch_label(stage: str, state: dict, epochs: int, eta: str) -> str:
+    return f"{stage} {state['epoch'] + 1}/{epochs}, stage ETA {eta}"
+
+
+def _progress(accelerator, tcfg, stage, state, steps_per_epoch, epochs, eta):
+    """The epoch's bar (its own ETA is the epoch's); its label carries the whole stage's."""
     if not (accelerator.is_main_process and tcfg["progress"]):
         return None
-    from tqdm import tqdm
     return tqdm(total=steps_per_epoch, initial=state["batch_in_epoch"], dynamic_ncols=True,
-                desc=f"{stage} {state['epoch'] + 1}/{epochs}", mininterval=2.0)
+                desc=_epoch_label(stage, state, epochs, eta), mininterval=2.0)
 
 
 def _log_train(writer, step, terms, gates, scheduler, rate, mode):

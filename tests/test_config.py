@@ -136,12 +136,34 @@ def test_a_config_saved_before_a_key_existed_gets_its_default():
 def test_a_run_directory_from_before_router_norm_resumes(tmp_path):
     """A run started before model.router_norm existed (its config.yaml lacks the key) is the
     paper's router: the same job with router_norm none may resume there, router_norm batch not."""
-    from pipeline.rundir import prepare_run_dir
+    from pipeline.rundir import check_run_dir
     cfg = load_config(JOBS / "cifar10_r110_short" / "paper.yaml", ["data.root=/d"])
     old = {**cfg, "model": {k: v for k, v in cfg["model"].items() if k != "router_norm"}}
     (tmp_path / "config.yaml").write_text(dump(old))
-    prepare_run_dir(tmp_path, cfg)
-    (tmp_path / "config.yaml").write_text(dump(old))
+    assert check_run_dir(tmp_path, cfg) == {}
     other = load_config(JOBS / "cifar10_r110_short" / "paper.yaml", ["data.root=/d", "model.router_norm=batch"])
-    with pytest.raises(ValueError, match="was started with model"):
-        prepare_run_dir(tmp_path, other)
+    with pytest.raises(ValueError, match="model.router_norm: 'none' \\(saved\\) -> 'batch' \\(this run\\)"):
+        check_run_dir(tmp_path, other)
+
+
+def test_a_run_directory_refuses_changed_settings_by_name_and_takes_a_moved_dataset(tmp_path):
+    from pipeline.rundir import check_run_dir, record_config
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, ["data.root=/data/old"])
+    assert check_run_dir(run_dir, cfg) == {} and not run_dir.exists()  # checking writes nothing
+    record_config(run_dir, cfg)
+    saved = (run_dir / "config.yaml").read_bytes()
+    changed = load_config(None, ["data.root=/data/old", "optim.lr=0.2", "stages.joint.milestones=[1]"])
+    with pytest.raises(ValueError) as refused:
+        check_run_dir(run_dir, changed)
+    message = str(refused.value)
+    assert "optim.lr: 0.05 (saved) -> 0.2 (this run)" in message
+    assert "stages.joint.milestones: [2] (saved) -> [1] (this run)" in message
+    assert "--run-dir" in message and "data.root" not in message.split("A resume may change")[0]
+    assert (run_dir / "config.yaml").read_bytes() == saved
+    moved = load_config(None, ["data.root=/data/new", "train.stop_at_step=7"])
+    assert check_run_dir(run_dir, moved) == {"data.root": ("/data/old", "/data/new"),
+                                             "train.stop_at_step": (0, 7)}
+    record_config(run_dir, moved)
+    assert check_run_dir(run_dir, moved) == {}
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # written atomically: no temp file left

@@ -6,6 +6,7 @@ must reach bitwise the same final weights (deterministic mode).
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -156,17 +158,60 @@ def test_run_dir_of_another_job_is_refused(reference, data_dir):
 def test_run_dir_with_another_model_is_refused(reference, data_dir):
     run, _ = reference
     proc = train(run, data_dir, "model.arch=resnet32", processes=1, check=2)
-    assert "model.arch" in proc.stderr or "resnet32" in proc.stderr
+    assert "model.arch: 'resnet20' (saved) -> 'resnet32' (this run)" in proc.stderr
+
+
+def test_a_changed_setting_is_refused_naming_it_and_the_saved_config_is_kept(reference, data_dir):
+    run, _ = reference
+    saved = (run / "config.yaml").read_bytes()
+    proc = train(run, data_dir, "optim.lr=0.2", "loss.t=0.7", processes=1, check=2)
+    assert "optim.lr: 0.05 (saved) -> 0.2 (this run)" in proc.stderr
+    assert "loss.t: 0.6 (saved) -> 0.7 (this run)" in proc.stderr and "another --run-dir" in proc.stderr
+    assert (run / "config.yaml").read_bytes() == saved
+
+
+def test_a_moved_dataset_resumes_the_stage_and_is_saved_with_a_stage_eta(data_dir, tmp_path):
+    run, moved = tmp_path / "run", tmp_path / "moved"
+    train(run, data_dir, "train.stop_at_step=1", processes=1, args=["--stage", "warmup"], check=75)
+    first = yaml.safe_load((run / "config.yaml").read_text())
+    shutil.copytree(data_dir, moved)
+    proc = train(run, moved, "train.progress=true", "train.log_every=1", processes=1, args=["--stage", "warmup"],
+                 check=0)
+    assert f"note: resuming with data.root '{data_dir}' -> '{moved}'" in proc.stdout
+    assert "warmup: resumed from" in proc.stdout + proc.stderr
+    # 5 steps an epoch, 1 restored: the pace is of the 4 run here, and the stage's last epoch leaves none
+    assert re.search(r"^warmup epoch 1/1: trained 64 images in .* stage ETA 00:00$", proc.stdout, re.M), proc.stdout
+    assert "warmup 1/1, stage ETA " in proc.stderr  # the bar's label
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(moved)
+    assert saved["train"] == {**first["train"], "stop_at_step": 0, "progress": True, "log_every": 1}
+    assert {**saved, "data": None, "train": None} == {**first, "data": None, "train": None}
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    proc = train(tmp_path / "run", tmp_path / "nowhere", "data.generate=false", processes=1, check=2)
+    """...and a start that fails leaves no run directory (no config.yaml, no compile cache)."""
+    proc = train(tmp_path / "run", tmp_path / "nowhere", "data.generate=false", "train.compile=default",
+                 processes=1, check=2)
     assert "nowhere" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_start_in_a_run_dir_with_a_handed_on_warmup_leaves_only_the_warmup(reference, tmp_path):
+    """As pipeline.sweep hands a shared warm-up on: the joint stage finds no data and writes nothing."""
+    ref, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref / "warmup" / "final", run / "warmup" / "final")
+    proc = train(run, tmp_path / "nowhere", "data.generate=false", "train.compile=default", processes=1, check=2)
+    assert "nowhere" in proc.stderr
+    assert [p.relative_to(run).as_posix() for p in sorted(run.rglob("*"))] == [
+        "warmup", "warmup/final", "warmup/final/manifest.json", "warmup/final/model.safetensors"]
 
 
 def test_nan_loss_stops_with_step_and_terms_and_keeps_what_was_saved(tmp_path, data_dir):
     run = tmp_path / "run"
-    train(run, data_dir, processes=1, args=["--stage", "warmup"], check=0)
+    train(tmp_path / "warm", data_dir, processes=1, args=["--stage", "warmup"], check=0)
+    # another optim.lr is another run: the warm-up is handed on to a new run directory, as a sweep does
+    shutil.copytree(tmp_path / "warm" / "warmup", run / "warmup")
     warm = manifest(run, "warmup")["weights_sha256"]
     proc = train(run, data_dir, "optim.lr=1.0e+30", processes=1, check=1)
     assert "non-finite loss at step" in proc.stderr and "'cls'" in proc.stderr

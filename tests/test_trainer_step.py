@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.trainer import make_loss_terms
+from pipeline.trainer import make_loss_terms, stage_eta
 from rdinet import srm
 from rdinet.losses import total_loss
 
@@ -238,3 +238,13 @@ def test_momentum_saved_contiguous_resumes_in_the_channels_last_weights_layout()
     weight.grad = grad.contiguous(memory_format=torch.channels_last)
     optimizer.step()
     torch.testing.assert_close(weight.detach(), start - 0.1 * (0.9 * momentum + grad))
+
+
+def test_stage_eta_is_the_pace_of_this_process_times_the_steps_left():
+    # 10 steps in 20 s: 2 s a step, 30 of the stage's 40 steps left
+    assert stage_eta(10, 0, 20.0, 40) == "01:00"
+    # resumed at step 25: only the 5 steps run here (10 s) set the pace, 10 steps left
+    assert stage_eta(30, 25, 10.0, 40) == "00:20"
+    assert stage_eta(20, 0, 3600.0, 40) == "1:00:00"
+    assert stage_eta(40, 25, 30.0, 40) == "00:00"  # the stage's last step
+    assert stage_eta(25, 25, 5.0, 40) == "?"  # nothing run here yet (just resumed)
