@@ -9,14 +9,17 @@ from its latest checkpoint; re-running a completed one says so and exits 0.
 
 Exit codes: 0 done; 2 bad job, config, data or run directory; 75 stopped by SIGTERM/SIGUSR1 (or
 train.stop_at_step) after writing a checkpoint: requeue and run again to resume; 1 anything else.
-These are each process's codes: `accelerate launch` itself exits 1 when a worker exits non-zero
-(docs/reliability.md says how to read the workers' codes).
+These are each process's codes: `accelerate launch` itself exits 1 when a worker exits non-zero;
+`python -m pipeline.launch`, which takes the same arguments, exits with the workers' code
+(docs/reliability.md).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
+import io
 import os
 import signal
 import sys
@@ -29,7 +32,7 @@ COMPILE_CACHE_CHOSEN = "TORCHINDUCTOR_CACHE_DIR" in os.environ
 
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline.config import ConfigError, STAGES, enabled_stages, load_config  # noqa: E402
-from pipeline.rundir import prepare_run_dir  # noqa: E402
+from pipeline.rundir import clear_requeue_mark, is_main_rank, mark_stopped_for_requeue, prepare_run_dir  # noqa: E402
 
 USAGE_EXIT = 2
 
@@ -66,12 +69,27 @@ def die_with_the_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def chosen_run_dir(args, cfg: dict) -> Path:
+    return args.run_dir or Path("runs") / cfg["job"]
+
+
+def run_dir_of(argv) -> Path | None:
+    """The run directory that this command line (the training script's arguments) trains in, or
+    None when it does not parse or its job does not load: the training processes then say why."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            args = parse_args(argv)
+            return chosen_run_dir(args, load_config(args.job, args.set))
+        except (SystemExit, ConfigError, ValueError, OSError):
+            return None
+
+
 def main(argv=None) -> int:
     die_with_the_launcher()
     args = parse_args(argv)
     try:
         cfg = load_config(args.job, args.set)
-        run_dir = args.run_dir or Path("runs") / cfg["job"]
+        run_dir = chosen_run_dir(args, cfg)
         stages = enabled_stages(cfg)
         if args.stage is not None and args.stage not in stages:
             raise ConfigError(f"stage '{args.stage}' is disabled in this job (stages.{args.stage}.epochs is 0)")
@@ -80,6 +98,8 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USAGE_EXIT
+    if is_main_rank():
+        clear_requeue_mark(run_dir)
     if cfg["train"]["compile"] != "none" and not COMPILE_CACHE_CHOSEN:
         # torch.compile's caches in the run directory: a stage resumed after preemption or a time
         # limit, on any node that sees the run directory, loads its compiled graphs instead of
@@ -95,6 +115,8 @@ def main(argv=None) -> int:
             continue
         if process_stopper().flag:  # stopped after the previous stage's last step: start no new one
             print(f"{stage}: stop requested before this stage started; exiting for requeue", flush=True)
+            if is_main_rank():
+                mark_stopped_for_requeue(run_dir, stage, None)
             return REQUEUE_EXIT
         if stage == "joint" and "warmup" in stages and ckpt.read_manifest(run_dir / "warmup") is None:
             job = f" --job {args.job}" if args.job else ""
