@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/accelerate launch pipeline/train.py
+	$(BIN)/accelerate launch --config_file jobs/accelerate/one_process.yaml pipeline/train.py
 
 test: setup
 	$(BIN)/python -m pytest -q tests

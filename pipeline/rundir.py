@@ -5,9 +5,16 @@ other settings, is refused (naming the keys that differ), so nothing saved there
 mistake and every stage in it was trained with the config it holds. Only RESUMABLE_KEYS may change;
 the saved config then takes the new values. `check_run_dir` only reads; `record_config` writes
 `config.yaml` once a stage has started, so a start that fails (no data) leaves nothing behind.
+
+A run stopped for requeue (SIGTERM / SIGUSR1, train.stop_at_step) leaves `stopped-for-requeue.json`
+in it, written by rank 0 once the checkpoint is complete on every rank and removed when a run
+starts there. Launchers read it instead of the training processes' exit codes, which
+`accelerate launch` does not pass on: `python -m pipeline.launch` for its last line and exit code,
+slurm/launch.sh to requeue the job.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +29,14 @@ CONFIG_NAME = "config.yaml"
 RESUMABLE_KEYS = ("data.root", "data.file_list", "data.val_file_list", "model.pretrained",
                   "train.stop_at_step", "train.progress", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.dist_timeout")
+
+REQUEUE_MARK = "stopped-for-requeue.json"
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: checkpoint written on a signal; run again (the SLURM templates requeue)
+
+
+def is_main_rank() -> bool:
+    """Rank 0 of the launch, or a process started without a launcher."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict:
@@ -95,3 +110,30 @@ def record_config(run_dir: Path, cfg: dict) -> None:
     for stale in run_dir.glob(f".{saved_path.name}.tmp-*"):  # left by a run killed while writing it
         stale.unlink(missing_ok=True)
     write_atomic(saved_path, dump(cfg).encode())
+
+
+def clear_requeue_mark(run_dir: Path) -> None:
+    """A run starting in run_dir has not stopped yet: a mark left by the previous one goes."""
+    (Path(run_dir) / REQUEUE_MARK).unlink(missing_ok=True)
+
+
+def mark_stopped_for_requeue(run_dir: Path, stage: str, step: int | None) -> None:
+    """Record that the run stopped for requeue; step None: before `stage` started (after the stage
+    before it completed). Call on rank 0 only, once the checkpoint is complete."""
+    mark = {"stage": stage, "step": step}
+    write_atomic(Path(run_dir) / REQUEUE_MARK, json.dumps(mark).encode())
+
+
+def requeue_mark(run_dir: Path) -> dict | None:
+    """The mark of a run stopped for requeue in run_dir, or None."""
+    try:
+        return json.loads((Path(run_dir) / REQUEUE_MARK).read_text())
+    except (OSError, ValueError):  # absent, or not ours
+        return None
+
+
+def requeue_line(run_dir: Path, mark: dict) -> str:
+    """The one line that ends a run stopped for requeue."""
+    where = (f"checkpoint at step {mark['step']} ({mark['stage']})" if mark["step"] is not None
+             else f"before the {mark['stage']} stage started")
+    return f"stopped for requeue: {where} in {run_dir}; rerun the same command to resume"

@@ -9,15 +9,18 @@ from its latest checkpoint; re-running a completed one says so and exits 0.
 
 Exit codes: 0 done; 2 bad job, config, data or run directory; 75 stopped by SIGTERM/SIGUSR1 (or
 train.stop_at_step) after writing a checkpoint: requeue and run again to resume; 1 anything else.
-These are each process's codes: `accelerate launch` itself exits 1 when a worker exits non-zero
-(docs/reliability.md says how to read the workers' codes).
+These are each process's codes: `accelerate launch` itself exits 1 when a worker exits non-zero;
+`python -m pipeline.launch`, which takes the same arguments, exits with the workers' code
+(docs/reliability.md).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import functools
+import io
 import os
 import signal
 import sys
@@ -30,7 +33,8 @@ COMPILE_CACHE_CHOSEN = "TORCHINDUCTOR_CACHE_DIR" in os.environ
 
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline.config import ConfigError, STAGES, enabled_stages, load_config  # noqa: E402
-from pipeline.rundir import check_run_dir, record_config  # noqa: E402
+from pipeline.rundir import (check_run_dir, clear_requeue_mark, is_main_rank, mark_stopped_for_requeue,  # noqa: E402
+                             record_config)
 
 USAGE_EXIT = 2
 
@@ -67,10 +71,6 @@ def die_with_the_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def claim_run_dir(run_dir: Path, cfg: dict) -> None:
     """Called by each stage once its data is checked: only from then on does the run directory get
     the run's config and compile cache, so a start that fails (no data) leaves neither behind."""
@@ -80,8 +80,23 @@ def claim_run_dir(run_dir: Path, cfg: dict) -> None:
         # compiling them again (minutes for RDI-Net-110). torch's default is node-local. Inductor
         # reads the variable whenever it compiles, so setting it now, before the first compile, holds.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(run_dir).resolve() / "compile_cache")
-    if is_rank_zero():
+    if is_main_rank():
         record_config(run_dir, cfg)
+
+
+def chosen_run_dir(args, cfg: dict) -> Path:
+    return args.run_dir or Path("runs") / cfg["job"]
+
+
+def run_dir_of(argv) -> Path | None:
+    """The run directory that this command line (the training script's arguments) trains in, or
+    None when it does not parse or its job does not load: the training processes then say why."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            args = parse_args(argv)
+            return chosen_run_dir(args, load_config(args.job, args.set))
+        except (SystemExit, ConfigError, ValueError, OSError):
+            return None
 
 
 def main(argv=None) -> int:
@@ -89,7 +104,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.job, args.set)
-        run_dir = args.run_dir or Path("runs") / cfg["job"]
+        run_dir = chosen_run_dir(args, cfg)
         stages = enabled_stages(cfg)
         if args.stage is not None and args.stage not in stages:
             raise ConfigError(f"stage '{args.stage}' is disabled in this job (stages.{args.stage}.epochs is 0)")
@@ -98,9 +113,11 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USAGE_EXIT
-    if changed and is_rank_zero():
+    if changed and is_main_rank():
         print("note: resuming with " + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
               + f"; {run_dir / 'config.yaml'} takes the new values once a stage starts", flush=True)
+    if is_main_rank():
+        clear_requeue_mark(run_dir)
 
     from pipeline.data import DataError
     from pipeline.trainer import REQUEUE_EXIT, process_stopper, run_stage
@@ -111,6 +128,8 @@ def main(argv=None) -> int:
             continue
         if process_stopper().flag:  # stopped after the previous stage's last step: start no new one
             print(f"{stage}: stop requested before this stage started; exiting for requeue", flush=True)
+            if is_main_rank():
+                mark_stopped_for_requeue(run_dir, stage, None)
             return REQUEUE_EXIT
         if stage == "joint" and "warmup" in stages and ckpt.read_manifest(run_dir / "warmup") is None:
             job = f" --job {args.job}" if args.job else ""

@@ -28,9 +28,8 @@ from pipeline.data.generate import ensure_generated
 from pipeline.distributed import make_accelerator, use_bf16
 from pipeline.evaluate import evaluate
 from pipeline.graphed_step import GraphedStep
+from pipeline.rundir import REQUEUE_EXIT, mark_stopped_for_requeue
 from pipeline.schedule import make_scheduler, scaled_lr
-
-REQUEUE_EXIT = 75  # EX_TEMPFAIL: checkpoint written on a signal; the SLURM templates requeue on it
 
 
 class StopRequested:
@@ -342,14 +341,15 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path, on_start) -> int:
                 _log_train(writer, state["step"], terms, gates, scheduler, rate, mode)
                 if progress is not None:
                     progress.set_description_str(_epoch_label(stage, state, epochs, eta()), refresh=False)
-                    progress.set_postfix(loss=f"{float(terms['loss']):.3f}", img_s=f"{rate:.0f}")
+                    progress.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}", img_s=f"{rate:.0f}")
             requeue = stop or state["step"] == tcfg["stop_at_step"]
             if state["batch_in_epoch"] == steps_per_epoch:
                 break  # the epoch's end (validation, checkpoint) is handled below
             if requeue:
+                if progress is not None:  # ends the bar's line: the messages that follow start on their own
+                    progress.close()
                 save()
-                log(f"{stage}: stop requested; checkpoint written at step {state['step']}; exiting for requeue")
-                return REQUEUE_EXIT
+                return _exit_for_requeue(accelerator, run_dir, stage, state["step"], log)
             if tcfg["checkpoint_every"] > 0 and state["step"] % tcfg["checkpoint_every"] == 0:
                 save()
         if progress is not None:
@@ -378,8 +378,7 @@ def _run_stage(cfg: dict, stage: str, run_dir: Path, on_start) -> int:
                 _log_eval(writer, state["step"], metrics)
         save()
         if requeue and state["epoch"] < epochs:
-            log(f"{stage}: stop requested; checkpoint written at step {state['step']}; exiting for requeue")
-            return REQUEUE_EXIT
+            return _exit_for_requeue(accelerator, run_dir, stage, state["step"], log)
 
     if accelerator.is_main_process:
         manifest = {"stage": stage, "job": cfg["job"], "arch": cfg["model"]["arch"],
@@ -396,6 +395,15 @@ def hard_tail_start(stage_cfg: dict, mode: str) -> float:
     """The first epoch of the joint stage's straight-through tail (inf: none)."""
     tail = round(stage_cfg["epochs"] * stage_cfg["hard_tail"]) if mode == "joint" else 0
     return stage_cfg["epochs"] - tail if tail > 0 else math.inf
+
+
+def _exit_for_requeue(accelerator, run_dir: Path, stage: str, step: int, log) -> int:
+    """Once step's checkpoint is complete on every rank: say so, mark the run (pipeline.rundir) for
+    the launchers, and return the requeue code."""
+    log(f"{stage}: stop requested; checkpoint written at step {step}; exiting for requeue")
+    if accelerator.is_main_process:
+        mark_stopped_for_requeue(run_dir, stage, step)
+    return REQUEUE_EXIT
 
 
 def _can_graph_step(accelerator, log, stage: str) -> bool:

@@ -64,8 +64,13 @@ def denormalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 
 def _mean_std(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked per-channel mean and std as cached (1, 3, 1, 1) tensors on `device`."""
-    return _denormaliser(_per_channel(mean, "mean"), _per_channel(std, "std"), device)
+    """Checked per-channel mean and std as (1, 3, 1, 1) tensors on `device`: cached in eager mode;
+    under torch.compile made in the graph, which holds them as constants (Dynamo would trace
+    through the cache rather than keep it)."""
+    key = (_per_channel(mean, "mean"), _per_channel(std, "std"), device)
+    if torch.compiler.is_compiling():
+        return _as_tensors(*key)
+    return _denormaliser(*key)
 
 
 def _per_channel(values, name: str) -> tuple[float, float, float]:
@@ -80,12 +85,16 @@ def _per_channel(values, name: str) -> tuple[float, float, float]:
     return values
 
 
-@functools.lru_cache(maxsize=16)
-def _denormaliser(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) as (1, 3, 1, 1) tensors on `device`, made once: copying them from the host at
-    every training step would make the host wait for the GPU each time."""
+def _as_tensors(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
             torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _denormaliser(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """_as_tensors, made once: copying them from the host at every training step would make the
+    host wait for the GPU each time."""
+    return _as_tensors(mean, std, device)
 
 
 def rank_loss(paths: torch.Tensor, hist: torch.Tensor, phi: float = 0.5, tie_eps: float = 1e-3) -> torch.Tensor:

@@ -10,11 +10,13 @@
 #       stage as its own job, chained. Prints the job ids.
 #   Either way, when every stage is complete it says so and submits or runs nothing.
 #
-# Inside a stage job: one `srun` task per node starts `accelerate launch` (DeepSpeed, static
-# rendezvous, machine rank = SLURM_NODEID, main process on the first node). On SIGUSR1 (sent by
-# #SBATCH --signal=B:USR1@180 before the time limit) or SIGTERM (preemption), the batch shell asks
-# every training process to checkpoint (SIGTERM to the job steps), waits for them, and requeues the
-# job, which then resumes from that checkpoint. Logs: <run dir>/logs/<stage>-<jobid>.log.
+# Inside a stage job: one `srun` task per node starts `accelerate launch` through
+# `python -m pipeline.launch` (DeepSpeed, static rendezvous, machine rank = SLURM_NODEID, main
+# process on the first node). On SIGUSR1 (sent by #SBATCH --signal=B:USR1@180 before the time
+# limit) or SIGTERM (preemption), the batch shell asks every training process to checkpoint
+# (SIGTERM to the job steps), waits for them, and requeues the job, which then resumes from that
+# checkpoint. A run that stopped for requeue by itself (train.stop_at_step) is requeued too: it
+# leaves <run dir>/stopped-for-requeue.json. Logs: <run dir>/logs/<stage>-<jobid>.log.
 #
 # Variables (set by the template, overridable from the environment):
 #   JOB, RUN_DIR, DATA_ROOT (empty: the job's data.root), EXTRA_ARGS (--set key=value ...; no spaces
@@ -149,16 +151,11 @@ check_nodes() {  # the data root must be visible on every node, not only where t
                   "set DATA_ROOT to a folder every node sees"; exit 2; }' check-data "$DATA_ROOT"
 }
 
-stopped_for_requeue() {  # did every failed training process exit 75 (checkpointed on request)?
-    # Through torchrun the launcher exits 1 even when its workers exit 75; its agent logs
-    # "failed (exitcode: N)". Read this attempt's lines once tee has written them.
-    local rc=$1 marker="== end of $ATTEMPT" codes
-    [ "$rc" -ne 75 ] || return 0
-    echo "$marker"
-    for _ in $(seq 100); do grep -qF "$marker" "$LOG" && break; sleep 0.1; done
-    codes=$(sed -n "/^== $ATTEMPT\$/,\$p" "$LOG" | grep -o 'failed (exitcode: -\{0,1\}[0-9]*)' |
-            grep -o -- '-\{0,1\}[0-9][0-9]*' | sort -u)
-    [ "$codes" = 75 ]
+REQUEUE_MARK=stopped-for-requeue.json  # pipeline/rundir.py: written by rank 0 after a checkpoint for requeue
+
+stopped_for_requeue() {  # did this attempt's training stop after a checkpoint for requeue?
+    # The mark, not srun's exit code: srun ends the other nodes' tasks once one has exited non-zero.
+    [ -f "$RUN_DIR/$REQUEUE_MARK" ]
 }
 
 requeue_this_job() {
@@ -203,16 +200,17 @@ run_stage() {  # run_stage STAGE, in a job
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
     say "$SLURM_JOB_NUM_NODES node(s) x $per_node process(es) ($([ "$gpus" -gt 0 ] && echo GPU || echo CPU)), main process $MASTER_ADDR:$MASTER_PORT"
 
+    rm -f "$RUN_DIR/$REQUEUE_MARK"  # left by the attempt that was requeued
     local cpus=()
     [ -z "${SLURM_CPUS_PER_TASK:-}" ] || cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     # One task per node; $SLURM_NODEID is expanded by each task, not here. A node that dies ends
     # the step (--kill-on-bad-exit); one that exits early leaves the others NODE_EXIT_WAIT s.
     srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 "${cpus[@]}" \
         --kill-on-bad-exit=1 --wait="${NODE_EXIT_WAIT:-120}" \
-        bash -c 'exec "$0" launch --config_file "$LAUNCH_CONFIG" --num_machines "$SLURM_JOB_NUM_NODES" \
+        bash -c 'exec "$0" -m pipeline.launch --config_file "$LAUNCH_CONFIG" --num_machines "$SLURM_JOB_NUM_NODES" \
                  --num_processes "$NUM_PROCESSES" --machine_rank "$SLURM_NODEID" \
                  --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" "$@"' \
-        "$ACCELERATE" pipeline/train.py --job "$JOB" --stage "$STAGE" --run-dir "$RUN_DIR" "${TRAIN_SETS[@]}" &
+        "$PYTHON" pipeline/train.py --job "$JOB" --stage "$STAGE" --run-dir "$RUN_DIR" "${TRAIN_SETS[@]}" &
     local srun_pid=$! rc seen=0
     while :; do  # a trapped signal interrupts `wait`; wait again until srun has ended
         wait "$srun_pid"
@@ -225,7 +223,7 @@ run_stage() {  # run_stage STAGE, in a job
         say "$STAGE: complete ($RUN_DIR/$STAGE/final)"
         finish 0
     fi
-    if [ -n "$STOP_SIGNAL" ] || stopped_for_requeue "$rc"; then
+    if [ -n "$STOP_SIGNAL" ] || stopped_for_requeue; then
         requeue_this_job
     fi
     say "error: $STAGE failed (srun exit code $rc); see the messages above. Fix the cause and submit" \

@@ -130,3 +130,32 @@ def test_cli_strict_fails_on_notes_and_reports_config_errors(tmp_path, imagenet_
     assert run_check(job, imagenet_root, "--strict").returncode == 1
     result = run_check(job, imagenet_root, "--set", "data.holdout=3")
     assert result.returncode == 2 and "holdout applies to CIFAR only" in result.stdout
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cli_on_missing_cifar_prints_the_download_command(tmp_path, dataset):
+    import torchvision
+    from pipeline.data.cifar import LAYOUT, TORCHVISION_CLASS
+    folder = LAYOUT[dataset][0]
+    torchvision_class = getattr(torchvision.datasets, TORCHVISION_CLASS[dataset])
+    assert torchvision_class.base_folder == folder  # what it downloads is the folder the loader reads
+    job, root = write_job(tmp_path, dataset), tmp_path / "data"
+    result = run_check(job, root)
+    assert result.returncode == 1, result.stdout + result.stderr
+    download = (f"python -c \"import torchvision; "
+                f"torchvision.datasets.{TORCHVISION_CLASS[dataset]}('{root}', download=True)\"")
+    assert result.stdout.startswith(f"bad: {root / folder}: not found; ") and download in result.stdout
+    # data.root set to the layout's folder itself: the fix is its parent
+    result = run_check(job, root / folder)
+    assert result.returncode == 1 and f"set data.root={root}, the folder that holds it" in result.stdout
+
+
+def test_cli_on_missing_imagenet_prints_the_layout_and_how_to_make_it(tmp_path):
+    root = tmp_path / "archives"
+    root.mkdir()  # the official archives would be here, not yet unpacked
+    result = run_check(write_job(tmp_path, "imagenet"), root)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"bad: {root / 'train'}: split folder missing; " in result.stdout
+    for fix in ("<root>/train/<wnid>/*.JPEG", "ILSVRC2012_devkit_t12.tar.gz",
+                f"torchvision.datasets.ImageNet('{root}', split=s) for s in ('train', 'val')"):
+        assert fix in result.stdout, result.stdout

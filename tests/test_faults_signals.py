@@ -2,7 +2,9 @@
 
 - SIGTERM / SIGUSR1 to a training process: a checkpoint at the next steps, then exit code 75.
 - Through `accelerate launch` (torchrun's agent): the agent forwards SIGTERM, the workers exit 75,
-  the launcher itself exits 1 and lists the workers' `exitcode : 75` (what slurm/launch.sh reads).
+  the launcher itself exits 1 and lists the workers' `exitcode : 75`. Through
+  `python -m pipeline.launch` (the same launch, as slurm/launch.sh runs it) the launcher exits 75
+  too, its last line saying where the checkpoint is, and the run directory holds the requeue mark.
 - A rank that stalls (SIGSTOP) or dies (SIGKILL) while the others wait in a collective: the others
   fail within train.dist_timeout seconds instead of hanging. The ranks are started as separate
   processes (RANK, WORLD_SIZE, MASTER_ADDR), as on separate nodes, with no agent to clean up.
@@ -15,13 +17,15 @@ import time
 
 import pytest
 
-from test_faults_harness import (STEPS, freeze, kill_group, process_tree, read_from, relative_files, run,
+from pipeline.rundir import REQUEUE_MARK
+from test_faults_harness import (LAUNCH_NOISE, STEPS, freeze, kill_group, process_tree, read_from, relative_files, run,
                                  signal_tree, start, tail, train_command, train_env, wait_gone,
                                  whole_state_problems)
 
 pytestmark = pytest.mark.slow
 
 JOINT_ONLY = ["stages.warmup.epochs=0", "stages.joint.milestones=[]"]
+STOPPED = r"joint: stop requested; checkpoint written at step (\d+); exiting for requeue"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def test_stop_signal_checkpoints_within_seconds_and_exits_75(data_dir, tmp_path,
     seconds = time.time() - signalled
     out = read_from(log)
     assert code == 75, tail(out)
-    stopped = re.search(r"joint: stop requested; checkpoint written at step (\d+); exiting for requeue", out)
+    stopped = re.search(STOPPED, out)
     assert stopped, tail(out)
     assert seconds < 30, f"{seconds:.0f} s from the signal to the exit"
     step = int(stopped.group(1))
@@ -71,16 +75,52 @@ def test_stop_signal_checkpoints_within_seconds_and_exits_75(data_dir, tmp_path,
         assert (run_dir / "joint" / "final" / "manifest.json").is_file()
 
 
+def last_line(text):
+    return text.rstrip().splitlines()[-1]
+
+
+def requeue_line(run_dir, step):
+    return f"stopped for requeue: checkpoint at step {step} (joint) in {run_dir}; rerun the same command to resume"
+
+
+def test_a_launched_run_stops_for_requeue_with_one_line_and_exit_75(data_dir, tmp_path):
+    """`python -m pipeline.launch` with the one-process config (accelerate's own launcher, no
+    torchrun), the progress bar on: SIGUSR1 to the worker; the launch ends with one line and exit
+    75, and prints none of the warnings of issue #25. The same command then completes the stage."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = train_command(run_dir, data_dir, *JOINT_ONLY, "stages.joint.epochs=1", "train.progress=true",
+                        "train.log_every=1", processes=1, launcher="pipeline.launch")
+    proc = start(cmd, log)
+    wait_for(run_dir / "joint" / "checkpoints" / "step-00000001", proc)
+    for pid in process_tree(proc.pid)[1:]:
+        os.kill(pid, signal.SIGUSR1)
+    code = proc.wait(timeout=120)
+    out = read_from(log)
+    stopped = re.search(STOPPED, out)
+    assert code == 75 and stopped, tail(out)
+    assert last_line(out) == requeue_line(run_dir, stopped.group(1)), tail(out)
+    assert (run_dir / REQUEUE_MARK).is_file()
+    assert [noise for noise in LAUNCH_NOISE if noise in out] == [], tail(out)
+    code, out = run(cmd, log, check=0)
+    assert "joint: resumed from" in out and (run_dir / "joint" / "final" / "manifest.json").is_file()
+    assert not (run_dir / REQUEUE_MARK).exists()  # removed when the rerun started
+
+
 def test_the_launcher_forwards_sigterm_and_the_workers_exit_75(data_dir, tmp_path):
     """2 processes, 15 steps, SIGTERM three ways; each time both workers checkpoint and exit 75.
-    - to the workers (as torchrun forwards it): the launcher exits 1 and lists `exitcode : 75` twice;
-    - to the launcher: torchrun forwards it, then exits 1 with a SignalException and no summary;
+    - to the workers (as torchrun forwards it), under `accelerate launch`: it exits 1 and lists
+      `exitcode : 75` twice; under `python -m pipeline.launch`: it exits 75, its last line says where
+      the checkpoint is;
+    - to the launcher (`python -m pipeline.launch`): torchrun forwards it and waits for the workers;
+      75 and that line, read from the run's requeue mark;
     - to all at once (as `scancel --signal=TERM` does): the same.
     Then SIGKILL to the launcher alone: its workers die with it (they do not train on, unseen)."""
     run_dir, log = tmp_path / "run", tmp_path / "log"
-    cmd = train_command(run_dir, data_dir, *JOINT_ONLY, "stages.joint.epochs=6")
     ckpt_dir = run_dir / "joint" / "checkpoints"
-    for target in ("workers", "launcher", "all", "kill launcher"):
+    targets = [("workers", "accelerate"), ("workers", "pipeline.launch"), ("launcher", "pipeline.launch"),
+               ("all", "pipeline.launch"), ("kill launcher", "pipeline.launch")]
+    for target, launcher in targets:
+        cmd = train_command(run_dir, data_dir, *JOINT_ONLY, "stages.joint.epochs=6", launcher=launcher)
         offset = log.stat().st_size if log.exists() else 0
         done = {p.name for p in ckpt_dir.glob("step-*")}
         proc = start(cmd, log)
@@ -100,14 +140,18 @@ def test_the_launcher_forwards_sigterm_and_the_workers_exit_75(data_dir, tmp_pat
         code = proc.wait(timeout=120)
         seconds = time.time() - signalled
         out = read_from(log, offset)
-        assert code == 1, tail(out)  # torchrun: "a worker did not exit 0", or "I was signalled"
-        stopped = re.search(r"joint: stop requested; checkpoint written at step (\d+); exiting for requeue", out)
+        stopped = re.search(STOPPED, out)
         assert stopped and (ckpt_dir / f"step-{int(stopped.group(1)):08d}").is_dir(), tail(out)
-        if target == "workers":
+        assert (run_dir / REQUEUE_MARK).is_file()
+        if launcher == "accelerate":
+            assert code == 1, tail(out)  # torchrun: "a worker did not exit 0"
             summary = re.findall(r"^\s*exitcode\s+:\s+(-?\d+) \(pid", out, re.MULTILINE)  # one line per worker
             assert summary == ["75", "75"], tail(out)
         else:
-            assert "SignalException" in out and "closing signal SIGTERM" in out, tail(out)
+            assert code == 75 and last_line(out) == requeue_line(run_dir, stopped.group(1)), tail(out)
+            assert [noise for noise in LAUNCH_NOISE if noise in out] == [], tail(out)
+        if target != "workers":
+            assert "closing signal SIGTERM" in out, tail(out)  # torchrun forwarded it
             assert "forcefully exiting via SIGKILL" not in out, tail(out)  # the workers ended by themselves
         assert seconds < 60, f"{seconds:.0f} s from SIGTERM to exit"
         wait_gone(run_dir)

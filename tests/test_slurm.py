@@ -247,7 +247,8 @@ def test_signalled_job_checkpoints_requeues_and_ends_like_an_unsignalled_run(clu
     assert 0 < stopped_at < 10  # mid-stage
     assert (jobs[joint]["JobState"], jobs[joint]["Restarts"]) == ("COMPLETED", "1"), joint_log
     assert when(jobs[joint]["StartTime"]) >= when(jobs[warmup]["EndTime"])  # not while the warm-up was requeued
-    for line in ("joint: stop requested; checkpoint written at step 13", f"requeueing job {joint}",
+    for line in ("joint: stop requested; checkpoint written at step 13",
+                 f"stopped for requeue: checkpoint at step 13 (joint) in {run_dir}", f"requeueing job {joint}",
                  f"== joint job {joint} attempt 2", "joint: resumed from", "joint: complete"):
         assert line in joint_log, f"{line!r} not in the joint log:\n{joint_log[-3000:]}"
     assert "received SIG" not in joint_log

@@ -53,6 +53,19 @@ def test_launcher_expands_the_node_rank_per_task():
     assert "--kill-on-bad-exit=1" in srun and "--wait=" in srun
 
 
+def test_launcher_requeues_on_the_trainers_mark():
+    # The nodes launch through pipeline.launch (the workers' exit code, one closing line), and a
+    # stage is requeued on the mark pipeline/train.py leaves, under its name, removed before srun.
+    from pipeline.rundir import REQUEUE_MARK
+    text = (REPO / "slurm" / "launch.sh").read_text()
+    assert f"REQUEUE_MARK={REQUEUE_MARK} " in text
+    srun_at = text.index('srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" '
+                         '--ntasks-per-node=1 "${cpus')
+    assert 0 < text.index('rm -f "$RUN_DIR/$REQUEUE_MARK"') < srun_at
+    assert re.search(r"bash -c 'exec \"\$0\" -m pipeline\.launch ", text[srun_at:])
+    assert '[ -f "$RUN_DIR/$REQUEUE_MARK" ]' in text
+
+
 def manifest(run_dir: Path, stage: str) -> None:
     final = run_dir / stage / "final"
     final.mkdir(parents=True)

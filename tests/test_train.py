@@ -18,6 +18,8 @@ import pytest
 import torch
 import yaml
 
+from test_faults_harness import LAUNCH_NOISE
+
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 TINY = ["data.generated_size=8", "data.generated_val_size=4", "data.batch_size=16", "data.eval_batch_size=20",
@@ -58,7 +60,9 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
     run = tmp_path_factory.mktemp("reference") / "run"
-    proc = train(run, data_dir, check=0)
+    # the progress bar shown and updated at every step, as in a launch from a terminal (the weights
+    # do not depend on it)
+    proc = train(run, data_dir, "train.progress=true", "train.log_every=1", check=0)
     return run, proc
 
 
@@ -66,6 +70,7 @@ def test_two_process_deepspeed_run_completes_both_stages(reference):
     run, proc = reference
     out = proc.stdout + proc.stderr
     assert "2 process(es), DeepSpeed ZeRO-2" in out
+    assert [noise for noise in LAUNCH_NOISE if noise in out] == [], out[-6000:]
     assert "blocks initialised from" in out
     assert "joint: epochs 2-2 train with hard decisions" in out
     for stage in ("warmup", "joint"):
@@ -225,6 +230,7 @@ def test_compiled_training_runs_both_stages_and_evaluates_eagerly(data_dir, tmp_
     proc = train(run, data_dir, "train.compile=default", "train.deterministic=false", processes=1, check=0)
     out = proc.stdout + proc.stderr
     assert "mode uniform" in out and "mode joint" in out and out.count("compile default") == 2
+    assert [noise for noise in LAUNCH_NOISE if noise in out] == [], out[-6000:]  # Dynamo's lru_cache warning
     metrics = manifest(run, "joint")["metrics"]
     # evaluation (eager, real skipping) of the compiled model: hard 0/1 decisions, a finite result
     assert metrics["samples"] == 40 and 0 <= metrics["exec_rate"] <= 1 and 0 <= metrics["top1"] <= 1

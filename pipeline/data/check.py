@@ -61,7 +61,7 @@ def _check_cifar(cfg: dict) -> Report:
     files = cifar.split_files(cfg["dataset"], cfg["root"])
     folder = os.path.dirname(files["train"][0])
     if not os.path.isdir(folder):
-        return Report([f"{folder}: not found; data.root must hold the {cfg['dataset']} python layout"], [], 0)
+        return Report([cifar.missing_folder_problem(cfg["dataset"], cfg["root"])], [], 0)
     problems, samples, train_samples = [], 0, 0
     for split, paths in files.items():
         for path in paths:

@@ -27,6 +27,21 @@ LAYOUT = {
 }
 
 
+TORCHVISION_CLASS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}  # downloads the official python layout
+
+
+def missing_folder_problem(dataset: str, root: str) -> str:
+    """What is wrong when root lacks the dataset's folder, and the command that downloads it there."""
+    folder = LAYOUT[dataset][0]
+    root = os.path.normpath(root)
+    if os.path.basename(root) == folder:  # data.root named the layout's own folder
+        return (f"{os.path.join(root, folder)}: not found; data.root is the {folder}/ folder itself: "
+                f"set data.root={os.path.dirname(root) or '.'}, the folder that holds it")
+    download = f"import torchvision; torchvision.datasets.{TORCHVISION_CLASS[dataset]}('{root}', download=True)"
+    return (f"{os.path.join(root, folder)}: not found; data.root must be the folder that holds {folder}/ "
+            f"(the official {dataset} python layout). To download it there: python -c \"{download}\"")
+
+
 def split_files(dataset: str, root: str) -> dict[str, list[str]]:
     """{"train": [paths], "test": [paths]} of the official layout under root."""
     folder, train, test, _, _ = LAYOUT[dataset]
@@ -77,8 +92,7 @@ def load_split(dataset: str, root: str, split: str, holdout: int = 0) -> tuple[n
     """(images (N, 32, 32, 3) uint8, labels (N,) int64) of split "train" or "val" (see module doc)."""
     folder = os.path.join(root, LAYOUT[dataset][0])
     if not os.path.isdir(folder):
-        raise DataError(f"{folder}: not found; data.root must hold the official {dataset} python "
-                        f"layout ({LAYOUT[dataset][0]}/), or set data.generate=true to write a "
+        raise DataError(f"{missing_folder_problem(dataset, root)}; or set data.generate=true to write a "
                         "generated dataset there")
     files = split_files(dataset, root)
     if split == "val" and not holdout:

@@ -22,6 +22,18 @@ IMAGE_FORMATS = {".jpeg": "JPEG", ".jpg": "JPEG", ".png": "PNG", ".bmp": "BMP", 
 IMAGE_EXTENSIONS = tuple(IMAGE_FORMATS)
 LAYOUT_HINT = ("the ImageNet layout is <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG "
                "(or set data.file_list / data.val_file_list, or data.generate=true on an empty root)")
+# torchvision's ImageNet class unpacks the official archives into that layout (val/ sorted into
+# class folders by the devkit's labels), reading the devkit with scipy.
+TORCHVISION_SETUP = ("import torchvision; [torchvision.datasets.ImageNet('{root}', split=s) "
+                     "for s in ('train', 'val')]")
+
+
+def layout_fix(root: str) -> str:
+    """The layout, and how to make it from the official archives."""
+    command = TORCHVISION_SETUP.format(root=os.path.normpath(root))
+    return (f"{LAYOUT_HINT}. To make it from the official archives (image-net.org: ILSVRC2012_img_train.tar, "
+            f"ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz) placed in data.root, with scipy installed: "
+            f"python -c \"{command}\"")
 
 
 def is_image_name(name: str) -> bool:
@@ -37,9 +49,9 @@ def class_names(root: str) -> tuple[list[str], list[str]]:
     """(sorted class folder names of root/train, problems)."""
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(root):
-        return [], [f"{root}: data.root not found; {LAYOUT_HINT}"]
+        return [], [f"{root}: data.root not found; {layout_fix(root)}"]
     if not os.path.isdir(train_dir):
-        return [], [f"{train_dir}: split folder missing; {LAYOUT_HINT}"]
+        return [], [f"{train_dir}: split folder missing; {layout_fix(root)}"]
     names = _subfolders(train_dir)
     return names, ([] if names else [f"{train_dir}: holds no class folders; {LAYOUT_HINT}"])
 
@@ -48,7 +60,7 @@ def scan_folder(root: str, split: str, classes: list[str]) -> tuple[list[str], l
     """(files, labels, problems) of root/<split>/<class>/*, labelled by position in `classes`."""
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
-        return [], [], [f"{split_dir}: split folder missing; {LAYOUT_HINT}"]
+        return [], [], [f"{split_dir}: split folder missing; {layout_fix(root)}"]
     files, labels, problems = [], [], []
     label_of = {name: i for i, name in enumerate(classes)}
     for name in _subfolders(split_dir):
