@@ -21,8 +21,7 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 TINY = ["data.generated_size=8", "data.generated_val_size=4", "data.batch_size=16", "data.eval_batch_size=20",
         "stages.warmup.epochs=1", "stages.joint.epochs=2", "stages.joint.milestones=[1]",
         "train.checkpoint_every=2", "train.deterministic=true", "train.progress=false", "model.d=32"]
-
-pytestmark = pytest.mark.slow
+# Every test that trains is marked slow; the two that are refused before any training stay in make test-fast.
 
 
 def sets(*pairs):
@@ -59,6 +58,7 @@ def reference(tmp_path_factory, data_dir):
     return run, proc
 
 
+@pytest.mark.slow
 def test_two_process_deepspeed_run_completes_both_stages(reference):
     run, proc = reference
     out = proc.stdout + proc.stderr
@@ -79,6 +79,7 @@ def test_two_process_deepspeed_run_completes_both_stages(reference):
         assert torch.load(last / "scheduler.bin")["last_epoch"] == manifest(run, stage)["steps"], stage
 
 
+@pytest.mark.slow
 def test_rerunning_a_complete_run_does_nothing(reference, data_dir):
     run, _ = reference
     before = manifest(run, "joint")["weights_sha256"]
@@ -87,6 +88,7 @@ def test_rerunning_a_complete_run_does_nothing(reference, data_dir):
     assert manifest(run, "joint")["weights_sha256"] == before
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_weights(reference, data_dir, tmp_path):
     run = tmp_path / "run"
     # warm-up has 2 steps per epoch x 1 epoch, so step 4 is inside the first joint epoch
@@ -101,6 +103,7 @@ def test_interrupted_run_resumes_to_identical_weights(reference, data_dir, tmp_p
         assert manifest(run, stage)["weights_sha256"] == manifest(ref, stage)["weights_sha256"], stage
 
 
+@pytest.mark.slow
 def test_zero0_run_stopped_mid_epoch_resumes_to_identical_weights(data_dir, tmp_path):
     """The CIFAR jobs' engine, on one process: ZeRO-0, channels_last weights, and the torch SGD's
     momentum restored from the checkpoint into them. train.cuda_graph, on: without a GPU it
@@ -117,6 +120,7 @@ def test_zero0_run_stopped_mid_epoch_resumes_to_identical_weights(data_dir, tmp_
         assert manifest(run, stage)["weights_sha256"] == manifest(whole, stage)["weights_sha256"], stage
 
 
+@pytest.mark.slow
 def test_killed_mid_joint_then_rerun_finishes_identically(reference, data_dir, tmp_path):
     run = tmp_path / "run"
     train(run, data_dir, args=["--stage", "warmup"], check=0)
@@ -145,23 +149,27 @@ def test_joint_before_warmup_names_the_command(tmp_path, data_dir):
     assert "--stage warmup" in proc.stderr and "warmup" in proc.stderr
 
 
+@pytest.mark.slow
 def test_run_dir_of_another_job_is_refused(reference, data_dir):
     run, _ = reference
     proc = train(run, data_dir, "job=other", processes=1, check=2)
     assert "belongs to job 'demo'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_run_dir_with_another_model_is_refused(reference, data_dir):
     run, _ = reference
     proc = train(run, data_dir, "model.arch=resnet32", processes=1, check=2)
     assert "model.arch" in proc.stderr or "resnet32" in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_a_clear_error(tmp_path):
     proc = train(tmp_path / "run", tmp_path / "nowhere", "data.generate=false", processes=1, check=2)
     assert "nowhere" in proc.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_terms_and_keeps_what_was_saved(tmp_path, data_dir):
     run = tmp_path / "run"
     train(run, data_dir, processes=1, args=["--stage", "warmup"], check=0)
@@ -173,6 +181,7 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_what_was_saved(tmp_path, d
     assert not (run / "joint" / "final").exists()
 
 
+@pytest.mark.slow
 def test_compiled_training_runs_both_stages_and_evaluates_eagerly(data_dir, tmp_path):
     run = tmp_path / "compiled"
     proc = train(run, data_dir, "train.compile=default", "train.deterministic=false", processes=1, check=0)
@@ -191,6 +200,7 @@ def test_compiled_training_runs_both_stages_and_evaluates_eagerly(data_dir, tmp_
     assert loaded > 0 and built == 0, line
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_metrics_and_plots(reference, data_dir, tmp_path):
     run, _ = reference
     out = tmp_path / "acc_vs_cost.png"
