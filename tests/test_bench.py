@@ -47,6 +47,7 @@ def test_training_rows_with_each_step_one_cuda_graph(tmp_path):
     assert "each step one CUDA graph" in proc.stdout
 
 
+@pytest.mark.slow  # every row of the trainer's step, DeepSpeed included: ~35 s on 2 cores
 def test_trainer_step_bench_times_every_row_of_the_trainers_step(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/trainer_step.py", "--tiny", "--compile", "none", "--steps", "2",
                            "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)

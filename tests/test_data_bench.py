@@ -21,6 +21,7 @@ def run_bench(tmp_path, *args) -> tuple[list[str], dict]:
     return lines, json.loads(lines[-1].removeprefix("RESULT "))
 
 
+@pytest.mark.slow  # a benchmark process per dataset: 3-5 s each
 @pytest.mark.parametrize("dataset, extra", [
     ("imagenet", ["--image-size", "32", "--image-px", "48"]),
     ("cifar10", []),
@@ -47,6 +48,7 @@ def test_cuda_graph_needs_a_gpu_and_no_graphs_of_its_own(capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.slow  # a benchmark process per dataset: 3-5 s each
 @pytest.mark.parametrize("dataset, extra", [
     ("imagenet", ["--image-size", "64", "--image-px", "96"]),
     ("cifar10", []),

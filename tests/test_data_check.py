@@ -122,6 +122,7 @@ def test_cli_passes_good_data_with_one_line(tmp_path, imagenet_source):
                                                   "no problems (0 note(s))"]
 
 
+@pytest.mark.slow  # several CLI processes: ~4 s
 def test_cli_strict_fails_on_notes_and_reports_config_errors(tmp_path, imagenet_root):
     Image.open(files_in(imagenet_root, "val", "n00000000")[0]).save(
         files_in(imagenet_root, "val", "n00000000")[0], "PNG")

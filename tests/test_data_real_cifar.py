@@ -11,6 +11,9 @@ import torch
 from pipeline.data import DataError, build_loader
 from pipeline.data.cifar import load_split
 
+# building the 50,000 real images into batches takes ~8 s (only where the archive is)
+pytestmark = pytest.mark.slow
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ARCHIVE = SHARED_DATA / "cifar10-train-jpeg.tar.gz"
 

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # 3 training runs of 1 and 2 processes: ~1 min on 2 cores
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.generated_size=12", "data.generated_val_size=4", "stages.warmup.epochs=1", "stages.joint.epochs=1",
         "stages.joint.milestones=[]", "optim.warmup_epochs=1", "train.log_every=1", "model.d=32"]

@@ -78,8 +78,9 @@ def eval_forward(model, x, seed):
         return model(x)
 
 
+# the Triton case runs ResNet-50 through its CPU interpreter here: 3-8 s each, so slow
 @pytest.mark.parametrize("use_triton,arch,size", [(False, "resnet50", 32), (False, "resnet20", 16),
-                                                   pytest.param(True, "resnet50", 32, marks=needs_triton)])
+                                                   pytest.param(True, "resnet50", 32, marks=[needs_triton, pytest.mark.slow])])
 @pytest.mark.parametrize("mode,router_norm", [("full", "none"), ("uniform", "none"), ("joint", "none"),
                                               ("joint", "batch")])
 def test_frozen_net_equals_the_model(use_triton, arch, size, mode, router_norm):  # (BasicBlocks use no row kernels)
@@ -279,6 +280,7 @@ def test_router_mean_gradient_equals_autograds():
 
 
 @needs_triton
+@pytest.mark.slow  # a training step through Triton's CPU interpreter: 6-7 s
 @pytest.mark.parametrize("mode", ["joint", "uniform"])
 def test_training_step_with_the_kernels_equals_the_torch_ops(mode, monkeypatch):
     """The joint/USW forward and backward with the Triton blend (run_masked takes it on a GPU; on

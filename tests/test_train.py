@@ -26,8 +26,7 @@ TINY = ["data.generated_size=8", "data.generated_val_size=4", "data.batch_size=1
         "stages.warmup.epochs=1", "stages.joint.epochs=2", "stages.joint.milestones=[1]",
         "train.checkpoint_every=2", "train.deterministic=true", "train.progress=false", "model.d=32",
         "stages.joint.hard_tail=0.5"]  # the second joint epoch with hard decisions: resumes cross the switch
-
-pytestmark = pytest.mark.slow
+# Every test that trains is marked slow; the two that are refused before any training stay in make test-fast.
 
 
 def sets(*pairs):
@@ -66,6 +65,7 @@ def reference(tmp_path_factory, data_dir):
     return run, proc
 
 
+@pytest.mark.slow
 def test_two_process_deepspeed_run_completes_both_stages(reference):
     run, proc = reference
     out = proc.stdout + proc.stderr
@@ -88,6 +88,7 @@ def test_two_process_deepspeed_run_completes_both_stages(reference):
         assert torch.load(last / "scheduler.bin")["last_epoch"] == manifest(run, stage)["steps"], stage
 
 
+@pytest.mark.slow
 def test_rerunning_a_complete_run_does_nothing(reference, data_dir):
     run, _ = reference
     before = manifest(run, "joint")["weights_sha256"]
@@ -96,6 +97,7 @@ def test_rerunning_a_complete_run_does_nothing(reference, data_dir):
     assert manifest(run, "joint")["weights_sha256"] == before
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_weights(reference, data_dir, tmp_path):
     run = tmp_path / "run"
     # warm-up has 2 steps per epoch x 1 epoch, so step 4 is inside the first joint epoch
@@ -110,6 +112,7 @@ def test_interrupted_run_resumes_to_identical_weights(reference, data_dir, tmp_p
         assert manifest(run, stage)["weights_sha256"] == manifest(ref, stage)["weights_sha256"], stage
 
 
+@pytest.mark.slow
 def test_zero0_run_stopped_mid_epoch_resumes_to_identical_weights(data_dir, tmp_path):
     """The CIFAR jobs' engine, on one process: ZeRO-0, channels_last weights, and the torch SGD's
     momentum restored from the checkpoint into them. train.cuda_graph, on: without a GPU it
@@ -126,6 +129,7 @@ def test_zero0_run_stopped_mid_epoch_resumes_to_identical_weights(data_dir, tmp_
         assert manifest(run, stage)["weights_sha256"] == manifest(whole, stage)["weights_sha256"], stage
 
 
+@pytest.mark.slow
 def test_killed_mid_joint_then_rerun_finishes_identically(reference, data_dir, tmp_path):
     run = tmp_path / "run"
     train(run, data_dir, args=["--stage", "warmup"], check=0)
@@ -154,18 +158,21 @@ def test_joint_before_warmup_names_the_command(tmp_path, data_dir):
     assert "--stage warmup" in proc.stderr and "warmup" in proc.stderr
 
 
+@pytest.mark.slow
 def test_run_dir_of_another_job_is_refused(reference, data_dir):
     run, _ = reference
     proc = train(run, data_dir, "job=other", processes=1, check=2)
     assert "belongs to job 'demo'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_run_dir_with_another_model_is_refused(reference, data_dir):
     run, _ = reference
     proc = train(run, data_dir, "model.arch=resnet32", processes=1, check=2)
     assert "model.arch: 'resnet20' (saved) -> 'resnet32' (this run)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_changed_setting_is_refused_naming_it_and_the_saved_config_is_kept(reference, data_dir):
     run, _ = reference
     saved = (run / "config.yaml").read_bytes()
@@ -175,6 +182,7 @@ def test_a_changed_setting_is_refused_naming_it_and_the_saved_config_is_kept(ref
     assert (run / "config.yaml").read_bytes() == saved
 
 
+@pytest.mark.slow
 def test_a_moved_dataset_resumes_the_stage_and_is_saved_with_a_stage_eta(data_dir, tmp_path):
     run, moved = tmp_path / "run", tmp_path / "moved"
     train(run, data_dir, "train.stop_at_step=1", processes=1, args=["--stage", "warmup"], check=75)
@@ -193,6 +201,7 @@ def test_a_moved_dataset_resumes_the_stage_and_is_saved_with_a_stage_eta(data_di
     assert {**saved, "data": None, "train": None} == {**first, "data": None, "train": None}
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_a_clear_error(tmp_path):
     """...and a start that fails leaves no run directory (no config.yaml, no compile cache)."""
     proc = train(tmp_path / "run", tmp_path / "nowhere", "data.generate=false", "train.compile=default",
@@ -201,6 +210,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_start_in_a_run_dir_with_a_handed_on_warmup_leaves_only_the_warmup(reference, tmp_path):
     """As pipeline.sweep hands a shared warm-up on: the joint stage finds no data and writes nothing."""
     ref, _ = reference
@@ -212,6 +222,7 @@ def test_a_failed_start_in_a_run_dir_with_a_handed_on_warmup_leaves_only_the_war
         "warmup", "warmup/final", "warmup/final/manifest.json", "warmup/final/model.safetensors"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_terms_and_keeps_what_was_saved(tmp_path, data_dir):
     run = tmp_path / "run"
     train(tmp_path / "warm", data_dir, processes=1, args=["--stage", "warmup"], check=0)
@@ -225,6 +236,7 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_what_was_saved(tmp_path, d
     assert not (run / "joint" / "final").exists()
 
 
+@pytest.mark.slow
 def test_compiled_training_runs_both_stages_and_evaluates_eagerly(data_dir, tmp_path):
     run = tmp_path / "compiled"
     proc = train(run, data_dir, "train.compile=default", "train.deterministic=false", processes=1, check=0)
@@ -244,6 +256,7 @@ def test_compiled_training_runs_both_stages_and_evaluates_eagerly(data_dir, tmp_
     assert loaded > 0 and built == 0, line
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_metrics_and_plots(reference, data_dir, tmp_path):
     run, _ = reference
     out = tmp_path / "acc_vs_cost.png"

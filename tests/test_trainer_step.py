@@ -96,6 +96,7 @@ ENGINE_SCRIPT = ENGINE_SETUP + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a DeepSpeed engine in a fresh process: ~25 s on 2 cores
 def test_one_zero0_process_updates_weights_as_plain_sgd_does_without_syncing_the_device(tmp_path):
     proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(tmp_path), "0.5"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
@@ -133,6 +134,7 @@ TWO_RANK_SCRIPT = ENGINE_SETUP + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two DeepSpeed ranks (torch.distributed.run)
 def test_two_zero0_processes_update_weights_as_sgd_on_the_whole_batch_does(tmp_path):
     """The multi-GPU CIFAR path: two ranks, each on its half of the batch, all-reduce channels_last
     weight gradients through DeepSpeed's flattened buckets; the weights must follow one SGD on the
@@ -153,6 +155,7 @@ def test_two_zero0_processes_update_weights_as_sgd_on_the_whole_batch_does(tmp_p
         assert float(fields[9]) < 1e-4, line
 
 
+@pytest.mark.slow  # torch.compile: ~10 s for both modes on 2 cores
 @pytest.mark.parametrize("mode", ["joint", "full"])
 def test_compiled_loss_terms_equal_the_eager_terms_and_their_gradients(mode):
     torch.manual_seed(0)
