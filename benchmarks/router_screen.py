@@ -63,10 +63,13 @@ VARIANTS = {
     "hard_tail_frozen": {"hard_tail": 0.25, "tail_router_lr": 0.0},  # decisions fixed in the tail
     "base_s1": {"seed": 1},                # the joint stage again from another seed: the noise
     "hard_tail_s1": {"hard_tail": 0.25, "seed": 1},
+    "net_cost": {"cost_over": "network"},  # one cost over all blocks: each block's rate free
+    "net_cost_tail": {"cost_over": "network", "hard_tail": 0.25},
+    "net_cost_tail_anneal05": {"cost_over": "network", "hard_tail": 0.25, "tau_end": 0.5},
 }
 BASE = {"mode": "joint", "arch": None, "router_norm": "batch", "straight_through": False, "gamma": 0.5,
         "alpha": 0.2, "t": 0.5, "tau_end": 1.0, "hard_cost": False, "router_wd": None, "router_lr": 1.0,
-        "hard_tail": 0.0, "tail_router_lr": None, "seed": 0}
+        "hard_tail": 0.0, "tail_router_lr": None, "seed": 0, "cost_over": "block"}
 
 
 def load_archive(path: Path):
@@ -139,10 +142,10 @@ def make_loss_terms(v: dict):
             return {"loss": cls}
         gates = gates.float()
         hist = srm.color_histograms(images, bins=16, mean=MEAN, std=STD) if v["alpha"] > 0 else None
-        terms = total_loss(logits, labels, gates, hist, t=v["t"], alpha=v["alpha"])
+        terms = total_loss(logits, labels, gates, hist, t=v["t"], alpha=v["alpha"], cost_over=v["cost_over"])
         if v["hard_cost"]:  # the cost of the sampled hard decisions, straight-through
             hard = gates + ((gates > 0.5).float() - gates).detach()
-            terms["loss"] = terms["loss"] - terms["cost"] + cost_loss(hard, v["t"])
+            terms["loss"] = terms["loss"] - terms["cost"] + cost_loss(hard, v["t"], v["cost_over"])
         return terms
     return loss_terms
 
@@ -323,7 +326,7 @@ def run_variant(name, overrides, args, warm_path, out_dir):
         milestones = [round(args.joint * 0.6), round(args.joint * 0.85)]
         done = train_stage(model, train_data, v, args.joint, milestones, v["tau_end"], log, deadline)
     result = {"variant": name, "settings": v, "epochs_done": done, "train_s": time.time() - t0,
-              **evaluate(model, held_data, v, train_data)}
+              **evaluate(model, held_data, v, train_data if args.recal else None)}
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     log(json.dumps({k: val for k, val in result.items() if k != "block_rates"}))
 
@@ -356,6 +359,8 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--limit", type=int, default=0, help="train on this many images only (a smoke test)")
     ap.add_argument("--deadline", type=float, default=math.inf, help="seconds after which variants stop training")
+    ap.add_argument("--recal", action="store_true",
+                    help="also score after recomputing BatchNorm statistics under the hard decisions")
     args = ap.parse_args()
     args.start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ DEFAULTS = {
         "phi": 0.5,  # triplet margin (eq. 12)
         "tie_eps": 1e-3,  # relative near-tie filter for triplets
         "bins": 16,  # colour-histogram bins per channel
+        "cost_over": "block",  # eq. 15 per block; "network": one rate over all blocks (docs/method.md)
     },
     "train": {
         "deepspeed_config": "jobs/deepspeed/zero2.json",  # relative to the repo root or absolute
@@ -88,6 +89,7 @@ DEFAULTS = {
 
 STAGES = ("warmup", "joint")
 ROUTER_NORMS = ("none", "batch")  # rdinet.routers.NORMS, without importing torch here
+COST_OVER = ("block", "network")  # rdinet.losses.COST_OVER, likewise
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # make CUDA graphs of their own, which cannot nest
 
@@ -207,6 +209,8 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"config key 'stages.{stage}.epochs' must be >= 0")
     if cfg["stages"]["joint"]["epochs"] < 1:
         raise ConfigError("config key 'stages.joint.epochs' must be >= 1")
+    if cfg["loss"]["cost_over"] not in COST_OVER:
+        raise ConfigError(f"config key 'loss.cost_over' must be one of {', '.join(COST_OVER)}")
     if not 0.0 <= cfg["stages"]["joint"]["hard_tail"] <= 1.0:
         raise ConfigError("config key 'stages.joint.hard_tail' is a share of the joint epochs: give a number in [0, 1]")
 

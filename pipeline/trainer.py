@@ -195,7 +195,7 @@ def make_loss_terms(mode: str, loss_cfg: dict, mean, std):
         hist = srm.color_histograms(images, bins=loss_cfg["bins"], mean=mean, std=std) \
             if loss_cfg["alpha"] > 0 else None
         return total_loss(logits, labels, gates.float(), hist, t=loss_cfg["t"], alpha=loss_cfg["alpha"],
-                          phi=loss_cfg["phi"], tie_eps=loss_cfg["tie_eps"])
+                          phi=loss_cfg["phi"], tie_eps=loss_cfg["tie_eps"], cost_over=loss_cfg["cost_over"])
     return loss_terms
 
 

@@ -58,6 +58,7 @@ def test_overrides_parse_yaml_values():
     ("train.compile=fast", "train.compile"),
     ("model.router_norm=layer", "model.router_norm"),
     ("stages.joint.hard_tail=1.5", "stages.joint.hard_tail"),
+    ("loss.cost_over=image", "loss.cost_over"),
     ("stages.warmup.hard_tail=0.5", "stages.warmup.hard_tail"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
@@ -167,3 +168,10 @@ def test_a_run_directory_refuses_changed_settings_by_name_and_takes_a_moved_data
     record_config(run_dir, moved)
     assert check_run_dir(run_dir, moved) == {}
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # written atomically: no temp file left
+
+
+def test_the_config_knows_the_library_choices():
+    from pipeline.config import COST_OVER, ROUTER_NORMS
+    from rdinet.losses import COST_OVER as LIBRARY_COST_OVER
+    from rdinet.routers import NORMS
+    assert COST_OVER == LIBRARY_COST_OVER and ROUTER_NORMS == tuple(NORMS)

@@ -29,6 +29,23 @@ def test_cost_loss_matches_loop_reference(t):
     torch.testing.assert_close(gates.grad, expected.expand(7, 11))
 
 
+def test_network_cost_constrains_only_the_mean_rate_over_blocks():
+    torch.manual_seed(0)
+    gates = torch.rand(7, 11, requires_grad=True)
+    loss = cost_loss(gates, 0.3, over="network")
+    mean = sum(gates[b, n].item() for b in range(7) for n in range(11)) / 77
+    assert loss.item() == pytest.approx(11 * (mean - 0.3) ** 2, rel=1e-6)
+    loss.backward()
+    # d/dv_bn = 2 * 11 * (mean - t) / (B * N): one pull, the same on every block
+    torch.testing.assert_close(gates.grad, torch.full((7, 11), 2 * (mean - 0.3) / 7))
+    uniform = torch.full((4, 11), 0.8)  # every block misses t alike: eq. 15's value
+    assert cost_loss(uniform, 0.3, over="network").item() == pytest.approx(cost_loss(uniform, 0.3).item())
+    # rates that differ between blocks but meet t on average cost nothing
+    assert cost_loss(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), 0.5, over="network").item() == 0
+    with pytest.raises(ValueError, match="over='image'"):
+        cost_loss(gates, 0.3, over="image")
+
+
 def test_total_loss_combines_the_terms():
     torch.manual_seed(1)
     logits, targets = torch.randn(6, 5), torch.randint(0, 5, (6,))
