@@ -46,6 +46,8 @@ LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse
 VARIANTS = {
     "static": {"mode": "full"},
     "static_r56": {"mode": "full", "arch": "resnet56"},
+    "static_r32": {"mode": "full", "arch": "resnet32"},
+    "static_r20": {"mode": "full", "arch": "resnet20"},
     "paper": {"router_norm": "none"},
     "base": {},
     "anneal": {"tau_end": 0.1},            # tau 1 -> 0.1, geometric over the joint stage
@@ -66,6 +68,11 @@ VARIANTS = {
     "net_cost": {"cost_over": "network"},  # one cost over all blocks: each block's rate free
     "net_cost_tail": {"cost_over": "network", "hard_tail": 0.25},
     "net_cost_tail_anneal05": {"cost_over": "network", "hard_tail": 0.25, "tau_end": 0.5},
+    "net_cost_s1": {"cost_over": "network", "seed": 1},
+    "net_cost_tail_s1": {"cost_over": "network", "hard_tail": 0.25, "seed": 1},
+    "net_cost_tail_t03": {"cost_over": "network", "hard_tail": 0.25, "t": 0.3},
+    "net_cost_tail_t07": {"cost_over": "network", "hard_tail": 0.25, "t": 0.7},
+    "vanilla_net_cost_tail": {"cost_over": "network", "hard_tail": 0.25, "gamma": 0.0, "alpha": 0.0},
 }
 BASE = {"mode": "joint", "arch": None, "router_norm": "batch", "straight_through": False, "gamma": 0.5,
         "alpha": 0.2, "t": 0.5, "tau_end": 1.0, "hard_cost": False, "router_wd": None, "router_lr": 1.0,

@@ -175,3 +175,12 @@ def test_the_config_knows_the_library_choices():
     from rdinet.losses import COST_OVER as LIBRARY_COST_OVER
     from rdinet.routers import NORMS
     assert COST_OVER == LIBRARY_COST_OVER and ROUTER_NORMS == tuple(NORMS)
+
+
+def test_the_cifar_jobs_take_the_cost_over_the_network_and_the_studies_keep_theirs():
+    def cost_over(job):
+        return load_config(JOBS / job, ["data.root=/d"])["loss"]["cost_over"]
+    assert cost_over("cifar10_r110.yaml") == cost_over("cifar100_r110.yaml") == "network"
+    assert cost_over("cifar10_r110_short.yaml") == cost_over("cifar10_r32_short.yaml") == "block"
+    assert cost_over("cifar10_r110_short/netcost.yaml") == "network"
+    assert cost_over("imagenet_r50.yaml") == "block"  # not measured there: the paper's eq. 15
