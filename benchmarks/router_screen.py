@@ -72,11 +72,16 @@ VARIANTS = {
     "net_cost_tail_s1": {"cost_over": "network", "hard_tail": 0.25, "seed": 1},
     "net_cost_tail_t03": {"cost_over": "network", "hard_tail": 0.25, "t": 0.3},
     "net_cost_tail_t07": {"cost_over": "network", "hard_tail": 0.25, "t": 0.7},
+    "scratch_net_cost_tail": {"cost_over": "network", "hard_tail": 0.25, "from_warmup": False},
+    "scratch_vanilla_net_cost_tail": {"cost_over": "network", "hard_tail": 0.25, "gamma": 0.0, "alpha": 0.0,
+                                      "from_warmup": False},  # Table 2's vanilla row: no USW
+    "warm_static": {"mode": "full", "from_warmup": True},  # what the warm-up gives a static net
     "vanilla_net_cost_tail": {"cost_over": "network", "hard_tail": 0.25, "gamma": 0.0, "alpha": 0.0},
 }
 BASE = {"mode": "joint", "arch": None, "router_norm": "batch", "straight_through": False, "gamma": 0.5,
         "alpha": 0.2, "t": 0.5, "tau_end": 1.0, "hard_cost": False, "router_wd": None, "router_lr": 1.0,
-        "hard_tail": 0.0, "tail_router_lr": None, "seed": 0, "cost_over": "block"}
+        "hard_tail": 0.0, "tail_router_lr": None, "seed": 0, "cost_over": "block",
+        "from_warmup": None}  # None: joint rows start from the warm-up, static rows from scratch
 
 
 def load_archive(path: Path):
@@ -309,6 +314,11 @@ def _batch_norms(model, routers: bool) -> list:
     return [m for part in parts for m in part.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
+def starts_from_warmup(overrides: dict) -> bool:
+    v = {**BASE, **overrides}
+    return v["mode"] == "joint" if v["from_warmup"] is None else v["from_warmup"]
+
+
 def run_variant(name, overrides, args, warm_path, out_dir):
     v = {**BASE, "arch": args.arch, **overrides}
     torch.manual_seed(v["seed"])
@@ -321,17 +331,15 @@ def run_variant(name, overrides, args, warm_path, out_dir):
     model = make_model(v, device)
     deadline = args.start + args.deadline
     t0 = time.time()
-    if v["mode"] == "full":
-        model.set_mode("full")
-        epochs = args.warmup + args.joint
-        milestones = [round(epochs * 0.68), round(epochs * 0.88)]
-        done = train_stage(model, train_data, v, epochs, milestones, 1.0, log, deadline)
-    else:
+    model.set_mode(v["mode"])
+    if starts_from_warmup(v):  # the warm-up's blocks, fresh routers, the joint stage's schedule
         blocks = torch.load(warm_path, map_location=device)
         model.load_state_dict({k: t for k, t in blocks.items() if not k.startswith("routers.")}, strict=False)
-        model.set_mode("joint")
-        milestones = [round(args.joint * 0.6), round(args.joint * 0.85)]
-        done = train_stage(model, train_data, v, args.joint, milestones, v["tau_end"], log, deadline)
+        epochs, milestones = args.joint, [round(args.joint * 0.6), round(args.joint * 0.85)]
+    else:  # from scratch for as many epochs as warm-up and joint stage together
+        epochs = args.warmup + args.joint
+        milestones = [round(epochs * 0.68), round(epochs * 0.88)]
+    done = train_stage(model, train_data, v, epochs, milestones, v["tau_end"], log, deadline)
     result = {"variant": name, "settings": v, "epochs_done": done, "train_s": time.time() - t0,
               **evaluate(model, held_data, v, train_data if args.recal else None)}
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
@@ -381,7 +389,7 @@ def main():
             train, held = (train[0][:args.limit], train[1][:args.limit]), (held[0][:500], held[1][:500])
         torch.save((train, held), args.out / "data.pt")
     print(f"data ready {time.time() - args.start:.0f}s", flush=True)
-    warm = warm_up(args, args.out) if any(VARIANTS[n].get("mode") != "full" for n in names) else None
+    warm = warm_up(args, args.out) if any(starts_from_warmup(VARIANTS[n]) for n in names) else None
     print(f"warm-up done {time.time() - args.start:.0f}s", flush=True)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=run_variant, args=(n, VARIANTS[n], args, warm, args.out)) for n in names]
