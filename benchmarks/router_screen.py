@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rdinet  # noqa: E402
 from rdinet import srm  # noqa: E402
-from rdinet.cost import model_cost  # noqa: E402
+from rdinet.cost import cost_table, model_cost  # noqa: E402
 from rdinet.losses import cost_loss, total_loss  # noqa: E402
 from pipeline.evaluate import RouterStats  # noqa: E402
 
@@ -363,10 +363,24 @@ def warm_up(args, out_dir) -> Path:
     return path
 
 
+def plot_records(records: list[Path], path: Path, arch: str) -> None:
+    """Top-1 against GFLOPs of the rows in JSON-lines `records` (the screen's printed results), the
+    static ResNets as the frontier: the pipeline's accuracy-vs-cost plot."""
+    from pipeline.evaluate import plot_accuracy_vs_cost
+    metrics = []
+    for line in (line for f in records for line in f.read_text().splitlines() if line.strip()):
+        row = json.loads(line)
+        v = {**BASE, "arch": arch, **VARIANTS[row["variant"]]}
+        static = cost_table(rdinet.create_model(v["arch"], num_classes=10)).static  # the row's backbone
+        metrics.append({"run": row["variant"], "mode": v["mode"], "top1": row["top1_hard"] / 100,
+                        "gflops": 2 * row["cost_ratio"] * static / 1e9})
+    plot_accuracy_vs_cost(metrics, path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--archive", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--archive", type=Path)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--arch", default="resnet110")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--joint", type=int, default=20)
@@ -374,9 +388,15 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--limit", type=int, default=0, help="train on this many images only (a smoke test)")
     ap.add_argument("--deadline", type=float, default=math.inf, help="seconds after which variants stop training")
+    ap.add_argument("--plot", type=Path, help="with --records: draw their accuracy against cost here and stop")
+    ap.add_argument("--records", type=Path, nargs="*", default=[], help="JSON lines of rows, one per line")
     ap.add_argument("--recal", action="store_true",
                     help="also score after recomputing BatchNorm statistics under the hard decisions")
     args = ap.parse_args()
+    if args.plot:
+        return plot_records(args.records, args.plot, args.arch)
+    if args.archive is None or args.out is None:
+        ap.error("a screen needs --archive (the CIFAR-10 JPEG tarball) and --out (its work folder)")
     args.start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.variants.split(",")
