@@ -4,7 +4,7 @@ the frozen block on the executing samples, and the earlier gather/scatter execut
 frozen block checked against the eager one. Then the whole frozen net: wall time per batch
 against the GPU's kernel time (their gap is the host launching), static and skipping.
 
-    python benchmarks/frozen_blocks.py [--rate 0.65] [--batch 256] [--bucket 8]
+    python -m benchmarks.frozen_blocks [--rate 0.65] [--batch 256] [--bucket 8]
 """
 import argparse
 
@@ -13,7 +13,7 @@ import torch
 import rdinet
 from rdinet import inference
 from rdinet.executor import run_selected
-from pipeline.bench import Timer
+from benchmarks.model_bench import Timer
 
 
 def main():

@@ -5,14 +5,14 @@ static and joint forward alone (autocast, autograd recording). Compare with the 
 step at batch 256 (`benchmarks/profile_step.py --arch resnet50`): a step whose host time exceeds
 it is host-bound.
 
-    python benchmarks/host_step.py NAME
+    python -m benchmarks.host_step NAME
 """
 import sys
 import time
 
 import torch
 
-from pipeline.bench import MEAN, STD, make_training_model, synthetic, train_step_fn
+from benchmarks.model_bench import MEAN, STD, make_training_model, synthetic, train_step_fn
 
 
 def per_step_ms(fn, steps=40):

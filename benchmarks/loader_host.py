@@ -4,7 +4,7 @@ timed 4 times over 250 steps; per variant the loader alone (img/s), the fed img/
 against the median synthetic, and the host's time inside next(loader) per batch, which is time
 the thread that launches the steps spends waiting on DALI.
 
-    python benchmarks/loader_host.py [--root DIR]
+    python -m benchmarks.loader_host [--root DIR]
 """
 import argparse
 import itertools

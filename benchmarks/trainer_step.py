@@ -1,7 +1,7 @@
 """Where the trainer's step time goes beyond the model's: one compiled model, timed through more
 and more of `pipeline/train.py`'s step loop in one process.
 
-    python benchmarks/trainer_step.py [--job jobs/cifar10_r110.yaml] [--mode joint|full]
+    python -m benchmarks.trainer_step [--job jobs/cifar10_r110.yaml] [--mode joint|full]
                                       [--compile reduce-overhead] [--steps 40] [--rounds 3]
 
 Rows (ms per step, median of interleaved rounds; all share the one compiled module, so one
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,16 +39,14 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import trainer  # noqa: E402
-from pipeline.bench import Timer, cuda_intervals, eager_ops_per_call, from_loader, short_gaps_us  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import build_loader  # noqa: E402
-from pipeline.data.generate import ensure_generated  # noqa: E402
-from pipeline.distributed import make_accelerator, use_bf16  # noqa: E402
-from pipeline.graphed_step import GraphedStep  # noqa: E402
-from pipeline.schedule import make_scheduler  # noqa: E402
+from benchmarks.model_bench import Timer, cuda_intervals, eager_ops_per_call, from_loader, short_gaps_us
+from pipeline import trainer
+from pipeline.config import load_config
+from pipeline.data import build_loader
+from pipeline.data.generate import ensure_generated
+from pipeline.distributed import make_accelerator, use_bf16
+from pipeline.graphed_step import GraphedStep
+from pipeline.schedule import make_scheduler
 
 
 def parse_args(argv=None):

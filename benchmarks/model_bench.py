@@ -1,6 +1,6 @@
 """Speed of RDI-Net against the static ResNet, each baseline measured in the same run.
 
-    python -m pipeline.bench [--device cuda] [--out benchmarks/results/NAME.json]
+    python -m benchmarks.model_bench [--device cuda] [--out benchmarks/results/NAME.json]
 
 1. training img/s: static backbone on synthetic data (baseline), RDI-Net joint mode on synthetic
    data (router + SRM overhead), RDI-Net fed by the DALI loader (loader overhead); with
@@ -29,8 +29,8 @@ import rdinet
 from rdinet import inference, kernels, model_cost, srm
 from rdinet.losses import total_loss
 
-from .config import GRAPHED_COMPILE_MODES
-from .graphed_step import GraphedStep
+from pipeline.config import GRAPHED_COMPILE_MODES
+from pipeline.graphed_step import GraphedStep
 
 ARCHS = {"resnet50": (224, 1000), "resnet110": (32, 10)}
 RATES = (1.0, 0.65, 0.5, 0.3)

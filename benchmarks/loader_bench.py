@@ -1,9 +1,9 @@
 """Loader benchmark: DALI loader alone, training fed by it, and the same training on synthetic data.
 
-    python -m pipeline.data.bench --dataset imagenet --device cuda        # ResNet-50, 224 px
-    python -m pipeline.data.bench --dataset cifar10 --device cuda         # CIFAR ResNet-32
-    python -m pipeline.data.bench --dataset cifar10 --device cuda --cuda-graph   # each step one CUDA graph
-    python -m pipeline.data.bench --dataset imagenet --device cpu --batch-size 4 --steps 2 \
+    python -m benchmarks.loader_bench --dataset imagenet --device cuda        # ResNet-50, 224 px
+    python -m benchmarks.loader_bench --dataset cifar10 --device cuda         # CIFAR ResNet-32
+    python -m benchmarks.loader_bench --dataset cifar10 --device cuda --cuda-graph   # each step one CUDA graph
+    python -m benchmarks.loader_bench --dataset imagenet --device cpu --batch-size 4 --steps 2 \
         --image-count 16 --image-size 64                             # seconds, for tests
 
 Data: a generated dataset in the real layout (ImageNet-like JPEGs of about --image-px pixels,
@@ -29,10 +29,10 @@ import types
 import torch
 import torch.nn.functional as F
 
-from ..config import GRAPHED_COMPILE_MODES
-from ..graphed_step import GraphedStep
-from . import build_loader
-from .generate import ensure_generated
+from pipeline.config import GRAPHED_COMPILE_MODES
+from pipeline.data import build_loader
+from pipeline.data.generate import ensure_generated
+from pipeline.graphed_step import GraphedStep
 
 
 def _model(dataset: str) -> torch.nn.Module:
@@ -82,7 +82,7 @@ def _timed(run, steps: int, warmup: int, batch_size: int, device: torch.device) 
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.data.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loader_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=("imagenet", "cifar10"), default="imagenet")
     parser.add_argument("--device", choices=("cuda", "cpu"),
