@@ -12,7 +12,8 @@ import torch
 
 import rdinet.executor
 import rdinet.routers
-from benchmarks.model_bench import ARCHS, MEAN, STD, Timer, make_training_model, synthetic, train_step_fn
+from benchmarks.timing import Timer
+from benchmarks.workloads import ARCHS, MEAN, STD, make_training_model, synthetic, train_step_fn
 
 
 @contextlib.contextmanager

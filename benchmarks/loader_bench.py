@@ -23,12 +23,13 @@ import math
 import os
 import statistics
 import tempfile
-import time
 import types
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import Timer
+from benchmarks.workloads import endless
 from pipeline.config import GRAPHED_COMPILE_MODES
 from pipeline.data import build_loader
 from pipeline.data.generate import ensure_generated
@@ -66,19 +67,15 @@ def _cross_entropy(images, logits, gates, labels):
 
 def _batches(loader, count: int):
     """`count` batches, running through as many epochs as needed."""
-    return itertools.islice(itertools.chain.from_iterable(iter(loader) for _ in itertools.count()), count)
+    return itertools.islice(endless(loader), count)
 
 
 def _timed(run, steps: int, warmup: int, batch_size: int, device: torch.device) -> float:
-    """img/s of run(n) (which does n steps) over `steps` steps, after `warmup` untimed ones."""
+    """img/s of run(n) (which does n steps) over `steps` steps, after `warmup` untimed ones; by the
+    wall clock, since the loader's work runs on streams of its own."""
     run(warmup)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    run(steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return steps * batch_size / (time.perf_counter() - start)
+    window = Timer(device, warmup=0, iters=1, repeats=1, clock="wall")
+    return steps * batch_size / window(lambda: run(steps))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.model_bench import ARCHS, make_training_model, synthetic, train_step_fn
+from benchmarks.workloads import ARCHS, make_training_model, synthetic, train_step_fn
 
 
 def main():

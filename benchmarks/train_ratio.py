@@ -9,7 +9,8 @@ import sys
 import torch
 
 import rdinet
-from benchmarks.model_bench import MEAN, STD, Timer, make_training_model, synthetic, train_step_fn
+from benchmarks.timing import Timer
+from benchmarks.workloads import MEAN, STD, make_training_model, synthetic, train_step_fn
 
 
 def main():

@@ -1,7 +1,9 @@
 """The speed benchmark runs end to end at tiny sizes on the CPU (its figures matter on a GPU only)."""
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +78,7 @@ def test_trainer_step_bench_takes_reduce_overhead_with_a_job_that_captures_its_s
 
 
 def test_short_gaps_count_only_the_idle_time_between_nearby_gpu_operations():
-    from benchmarks.model_bench import short_gaps_us
+    from benchmarks.timing import short_gaps_us
     # two overlapping kernels (0-15 busy), a 2 us gap, a kernel, then an 80 us wait for the host
     spans = [(5.0, 15.0), (0.0, 10.0), (17.0, 20.0), (100.0, 110.0)]
     assert short_gaps_us(spans) == 2.0
@@ -94,3 +96,25 @@ def test_fed_timeline_reports_every_feed():
     for feed in ("synthetic", "dali_mixed", "dali_cpu"):
         assert "ms/step" in rows[feed] and "other streams" in rows[feed]
     assert "dali_cpu" in rows["img/s:"]
+
+
+
+def test_timer_calls_warmup_then_windows_and_returns_the_median_window():
+    from benchmarks.timing import Timer
+    for clock in ("wall", "host"):
+        sleeps = iter([0.0, 0.0, 0.03, 0.0, 0.0, 0.0, 0.0])  # warm-up, window 1 (slow), windows 2 and 3
+        calls = []
+
+        def fn():
+            calls.append(1)
+            time.sleep(next(sleeps))
+        seconds = Timer(torch.device("cpu"), warmup=1, iters=2, repeats=3, clock=clock)(fn)
+        assert len(calls) == 1 + 2 * 3 and seconds < 0.01  # the slow window is not the median
+    with pytest.raises(ValueError, match="events on a GPU only"):
+        Timer(torch.device("cpu"), warmup=0, iters=1, repeats=1, clock="events")
+
+
+def test_the_library_and_the_trainer_import_nothing_from_the_benchmarks():
+    imports = re.compile(r"^\s*(from|import)\s+benchmarks\b", re.M)
+    sources = [path for folder in ("rdinet", "pipeline") for path in (REPO / folder).rglob("*.py")]
+    assert sources and [str(path) for path in sources if imports.search(path.read_text())] == []
