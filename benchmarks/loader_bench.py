@@ -94,8 +94,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-px", type=int, default=448, help="generated JPEG side (ImageNet-like)")
     parser.add_argument("--image-size", type=int, default=224, help="ImageNet crop side")
     parser.add_argument("--num-threads", type=int, default=None,
-                        help="DALI CPU threads (default: 2 for cifar10, which needs few and measured best "
-                             "with 2 on an H100; up to 12 for imagenet's decoding)")
+                        help="DALI CPU threads (default: 2 for cifar10, whose pipeline needs few and whose "
+                             "training competes with them for the CPU; up to 12 for imagenet's decoding)")
     parser.add_argument("--prefetch", type=int, default=3)
     parser.add_argument("--hw-decoder-load", type=float, default=1.0)
     parser.add_argument("--decode-device", choices=("mixed", "cpu"), default="mixed",
