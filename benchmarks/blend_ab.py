@@ -3,7 +3,7 @@ the next router's GAP, and rdinet.routers.channel_mean for the first router's) a
 step without them (torch ops, as before), and the static network; eager, bf16 autocast,
 channels_last, synthetic data, one process.
 
-    python benchmarks/blend_ab.py [--archs resnet50 resnet110] [--batch 256]
+    python -m benchmarks.blend_ab [--archs resnet50 resnet110] [--batch 256]
 """
 import argparse
 import contextlib
@@ -12,7 +12,8 @@ import torch
 
 import rdinet.executor
 import rdinet.routers
-from pipeline.bench import ARCHS, MEAN, STD, Timer, make_training_model, synthetic, train_step_fn
+from benchmarks.timing import Timer
+from benchmarks.workloads import ARCHS, MEAN, STD, make_training_model, synthetic, train_step_fn
 
 
 @contextlib.contextmanager

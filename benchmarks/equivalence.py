@@ -1,7 +1,7 @@
 """The same job on 1 and on N processes at one global batch: loss curves and accuracy side by side.
 
-    python benchmarks/equivalence.py                                   # the demo job on 1 and 2 CPU processes
-    python benchmarks/equivalence.py --job jobs/cifar10_r32_short.yaml --processes 1 8 \\
+    python -m benchmarks.equivalence                                   # the demo job on 1 and 2 CPU processes
+    python -m benchmarks.equivalence --job jobs/cifar10_r32_short.yaml --processes 1 8 \\
         --accelerate-config jobs/accelerate/multi_gpu.yaml --set data.root=/datasets/cifar
 
 Each run is `accelerate launch --num_processes N pipeline/train.py` with data.batch_size set to
@@ -23,16 +23,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from pipeline.config import STAGES, load_config
 
-from pipeline.config import STAGES, load_config  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SEGMENTS = 10  # the loss curve is compared as the means of this many equal parts of each stage
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="python benchmarks/equivalence.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.equivalence", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", default="jobs/demo.yaml")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])

@@ -1,13 +1,13 @@
 """Where a DALI-fed training step waits: its GPU timeline per CUDA stream, fed against synthetic data.
 
-    python benchmarks/fed_timeline.py [--cuda-graph] [--steps 8] [--tiny]
+    python -m benchmarks.fed_timeline [--cuda-graph] [--steps 8] [--tiny]
 
-RDI-Net-50 joint training (pipeline.bench's step; with --cuda-graph one captured step serves every
-feed) on synthetic batches, then fed by the generated ImageNet loader decoding its JPEGs on the
+RDI-Net-50 joint training (benchmarks.workloads.train_step_fn; with --cuda-graph one captured step
+serves every feed) on synthetic batches, then fed by the generated ImageNet loader decoding its JPEGs on the
 GPU (data.decode_device=mixed) and on DALI's CPU threads (cpu). Per feed, from torch.profiler:
 ms per step of the GPU's span, of the training stream's operations and of its idle gaps (a step
 waiting for its batch shows here, as gaps longer than 0.2 ms), and per other stream (DALI's,
-nvJPEG's) its operations and ms per step. Then img/s of each feed, timed as pipeline.bench times.
+nvJPEG's) its operations and ms per step. Then img/s of each feed, timed by benchmarks.timing.Timer.
 Both loaders stay open through the run, so a feed's profile can also catch the loader before it
 refilling its prefetch queue (the other streams' counts then include that).
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench import (MEAN, STD, Timer, cuda_events, from_loader, generated_loader, idle_gaps_us,
-                            make_training_model, synthetic, train_step_fn)
+from benchmarks.timing import Timer, cuda_events, idle_gaps_us
+from benchmarks.workloads import MEAN, STD, from_loader, generated_loader, make_training_model, synthetic, train_step_fn
 
 DECODERS = ("mixed", "cpu")
 

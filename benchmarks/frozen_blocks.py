@@ -4,7 +4,7 @@ the frozen block on the executing samples, and the earlier gather/scatter execut
 frozen block checked against the eager one. Then the whole frozen net: wall time per batch
 against the GPU's kernel time (their gap is the host launching), static and skipping.
 
-    python benchmarks/frozen_blocks.py [--rate 0.65] [--batch 256] [--bucket 8]
+    python -m benchmarks.frozen_blocks [--rate 0.65] [--batch 256] [--bucket 8]
 """
 import argparse
 
@@ -13,7 +13,7 @@ import torch
 import rdinet
 from rdinet import inference
 from rdinet.executor import run_selected
-from pipeline.bench import Timer
+from benchmarks.timing import Timer, gpu_ms_per_call
 
 
 def main():
@@ -71,18 +71,13 @@ def main():
 
 
 def whole_net(model, frozen, args, timer):
-    from torch.profiler import ProfilerActivity, profile
     images = torch.randn(args.batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     print(f"whole frozen net, batch {args.batch}: wall ms per batch | GPU kernel ms per batch")
     for mode, rate in (("full", 1.0), ("uniform", args.rate)):
         model.set_mode(mode)
         model.uniform_rate = rate
         wall = 1000 * timer(lambda: frozen(images))
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                frozen(images)
-            torch.cuda.synchronize()
-        busy = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 1000 / 5
+        busy = gpu_ms_per_call(lambda: frozen(images), calls=5)
         print(f"  {mode:8} rate {rate:.2f}: {wall:7.2f} | {busy:7.2f}")
 
 

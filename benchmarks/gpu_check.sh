@@ -24,17 +24,17 @@ fi
 if has databench; then
   # eager, CUDA graphs of the forward and backward, and the whole step as one graph (as the CIFAR jobs train)
   for variant in "--compile none" "--compile reduce-overhead" "--cuda-graph"; do
-    timeout 300 python3 -m pipeline.data.bench --dataset cifar10 --device cuda --image-count 50000 \
+    timeout 300 python3 -m benchmarks.loader_bench --dataset cifar10 --device cuda --image-count 50000 \
       --root "$scratch/databench-cifar" $variant 2>&1 | tail -6 | tee -a "$out/databench_cifar.txt"
   done
   # JPEGs decoded on the GPU, then on DALI's CPU threads with the whole step as one graph
   for variant in "--decode-device mixed" "--decode-device cpu --cuda-graph"; do
-    timeout 300 python3 -m pipeline.data.bench --dataset imagenet --device cuda --root "$scratch/databench-imagenet" \
+    timeout 300 python3 -m benchmarks.loader_bench --dataset imagenet --device cuda --root "$scratch/databench-imagenet" \
       $variant 2>&1 | tail -6 | tee -a "$out/databench_imagenet.txt"
   done
 fi
 if has bench; then
-  timeout 400 python3 -m pipeline.bench --device cuda --out "$out/bench.json" 2>&1 | grep -v -i warn | tail -20 | tee "$out/bench.txt"
+  timeout 400 python3 -m benchmarks.model_bench --device cuda --out "$out/bench.json" 2>&1 | grep -v -i warn | tail -20 | tee "$out/bench.txt"
 fi
 if has trainer; then
   # pipeline/train.py's own img/s: RDI-Net-110 (the CIFAR job: ZeRO-0, bf16), 45,000 generated
@@ -52,7 +52,7 @@ if has trainerstep; then
   # the trainer's step row by row (compiled module, DeepSpeed engine, step flags, DALI), RDI-Net-110
   # joint and static; one compile per mode
   for mode in joint full; do
-    timeout 420 python3 benchmarks/trainer_step.py --mode $mode 2>&1 | grep -v -i warn | tail -20 | tee -a "$out/trainer_step.txt"
+    timeout 420 python3 -m benchmarks.trainer_step --mode $mode 2>&1 | grep -v -i warn | tail -20 | tee -a "$out/trainer_step.txt"
   done
 fi
 gpus=$(nvidia-smi -L | wc -l)
@@ -61,7 +61,7 @@ if has equivalence && [ "$gpus" -gt 1 ]; then
   if [ -z "${CIFAR_ROOT:-}" ]; then
     echo "equivalence: set CIFAR_ROOT to the folder holding cifar-10-batches-py/" | tee "$out/equivalence.txt"
   else
-    timeout 3000 python3 benchmarks/equivalence.py --job jobs/cifar10_r32_short.yaml --processes 1 "$gpus" \
+    timeout 3000 python3 -m benchmarks.equivalence --job jobs/cifar10_r32_short.yaml --processes 1 "$gpus" \
       --accelerate-config jobs/accelerate/multi_gpu.yaml --work "$scratch/equivalence" \
       --set data.root="$CIFAR_ROOT" --out "$out/equivalence.json" 2>&1 | grep -v "^RESULT" | tee "$out/equivalence.txt"
   fi

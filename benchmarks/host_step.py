@@ -5,41 +5,33 @@ static and joint forward alone (autocast, autograd recording). Compare with the 
 step at batch 256 (`benchmarks/profile_step.py --arch resnet50`): a step whose host time exceeds
 it is host-bound.
 
-    python benchmarks/host_step.py NAME
+    python -m benchmarks.host_step NAME
 """
 import sys
-import time
 
 import torch
 
-from pipeline.bench import MEAN, STD, make_training_model, synthetic, train_step_fn
-
-
-def per_step_ms(fn, steps=40):
-    for _ in range(8):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e3
+from benchmarks.timing import Timer
+from benchmarks.workloads import MEAN, STD, make_training_model, synthetic, train_step_fn
 
 
 def main():
     name = sys.argv[1] if len(sys.argv) > 1 else "this checkout"
     device = torch.device("cuda")
+    # the wall clock: at this size the host's launching, not the GPU, sets the pace
+    timer = Timer(device, warmup=8, iters=40, repeats=1, clock="wall")
     data = synthetic(8, 64, 1000, device)
     rows = {}
     for _ in range(3):
         for row, mode, joint_loss in (("static", "full", False), ("joint CE", "joint", False), ("joint", "joint", True)):
             model = make_training_model("resnet50", 1000, mode, device)
-            rows.setdefault(row, []).append(per_step_ms(train_step_fn(model, data, True, MEAN, STD, joint=joint_loss)))
+            step = train_step_fn(model, data, True, MEAN, STD, joint=joint_loss)
+            rows.setdefault(row, []).append(1e3 * timer(step))
             if row != "joint CE":
                 def forward():
                     with torch.autocast("cuda", dtype=torch.bfloat16):
                         model(data()[0])
-                rows.setdefault(row + " fwd", []).append(per_step_ms(forward))
+                rows.setdefault(row + " fwd", []).append(1e3 * timer(forward))
     print(name, " | ".join(f"{k} {min(v):.2f}" for k, v in rows.items()), "(ms, min of 3)")
 
 

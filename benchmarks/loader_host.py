@@ -4,7 +4,7 @@ timed 4 times over 250 steps; per variant the loader alone (img/s), the fed img/
 against the median synthetic, and the host's time inside next(loader) per batch, which is time
 the thread that launches the steps spends waiting on DALI.
 
-    python benchmarks/loader_host.py [--root DIR]
+    python -m benchmarks.loader_host [--root DIR]
 """
 import argparse
 import itertools
@@ -16,6 +16,7 @@ import time
 import torch
 
 import rdinet
+from benchmarks.timing import Timer
 from pipeline.data import build_loader
 from pipeline.data.generate import ensure_generated
 
@@ -34,6 +35,8 @@ def main():
     args = parser.parse_args()
     root = args.root or tempfile.mkdtemp(prefix="rdinet-loader-host-")
     device = torch.device("cuda", 0)
+    loader_alone = Timer(device, warmup=30, iters=300, repeats=1, clock="wall")  # DALI works on streams of its own
+    fed_window = Timer(device, warmup=0, iters=250, repeats=1, clock="wall")
     feeds, alone = {}, {}
     for name, settings in VARIANTS.items():
         settings = dict(settings)
@@ -47,14 +50,7 @@ def main():
                "dtype": "bfloat16", **settings}
         ensure_generated(cfg)
         feed = itertools.chain.from_iterable(iter(build_loader(cfg, "train", device_id=0)) for _ in itertools.count())
-        for _ in range(30):
-            next(feed)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(300):
-            next(feed)
-        torch.cuda.synchronize()
-        alone[name] = 256 * 300 / (time.perf_counter() - start)
+        alone[name] = 256 / loader_alone(lambda: next(feed))
         feeds[name] = feed
 
     model = rdinet.create_model("resnet32", num_classes=10).set_mode("full").to(device, memory_format=torch.channels_last)
@@ -77,16 +73,15 @@ def main():
     results = {}
     for repeat in range(4):
         for name, feed in (feeds.items() if repeat % 2 == 0 else reversed(feeds.items())):
-            waited, steps = 0.0, 250
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(steps):
+            waited = [0.0]  # seconds the host spent in next(feed)
+
+            def fed_step():
                 tick = time.perf_counter()
                 batch = next(feed)
-                waited += time.perf_counter() - tick
+                waited[0] += time.perf_counter() - tick
                 step(*batch)
-            torch.cuda.synchronize()
-            results.setdefault(name, []).append((256 * steps / (time.perf_counter() - start), waited / steps * 1e3))
+            seconds = fed_window(fed_step)
+            results.setdefault(name, []).append((256 / seconds, waited[0] / fed_window.iters * 1e3))
     synthetic = statistics.median(r[0] for r in results["synthetic"])
     for name, rows in results.items():
         print(f"{name:30s} alone {alone.get(name, 0):8.0f} | fed img/s " + " ".join(f"{r[0]:7.0f}" for r in rows)

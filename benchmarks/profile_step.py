@@ -1,14 +1,14 @@
 """Where a training step's time goes: torch.profiler over a few steps of the static network and of
 RDI-Net in joint mode (bf16 autocast, channels_last, synthetic data).
 
-    python benchmarks/profile_step.py [--arch resnet110] [--batch 256] [--steps 5]
+    python -m benchmarks.profile_step [--arch resnet110] [--batch 256] [--steps 5]
 """
 import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline.bench import ARCHS, make_training_model, synthetic, train_step_fn
+from benchmarks.workloads import ARCHS, make_training_model, synthetic, train_step_fn
 
 
 def main():

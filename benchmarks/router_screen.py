@@ -2,7 +2,7 @@
 DALI or DeepSpeed, every variant a process of its own on the same card (the step is launch-bound,
 so several fill the GPU better than one).
 
-    python benchmarks/router_screen.py --archive cifar10-train-jpeg.tar.gz --out OUT [--arch resnet110]
+    python -m benchmarks.router_screen --archive cifar10-train-jpeg.tar.gz --out OUT [--arch resnet110]
         [--warmup 5] [--joint 20] [--variants base,anneal,...] [--deadline SECONDS]
 
 The archive holds train/<class>/<n>.jpg (the image-folder layout of CIFAR-10's training split).
@@ -19,7 +19,6 @@ import io
 import itertools
 import json
 import math
-import sys
 import tarfile
 import time
 from collections.abc import Iterable
@@ -30,12 +29,11 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import rdinet  # noqa: E402
-from rdinet import srm  # noqa: E402
-from rdinet.cost import cost_table, model_cost  # noqa: E402
-from rdinet.losses import cost_loss, total_loss  # noqa: E402
-from pipeline.evaluate import RouterStats  # noqa: E402
+import rdinet
+from rdinet import srm
+from rdinet.cost import cost_table, model_cost
+from rdinet.losses import cost_loss, total_loss
+from pipeline.evaluate import RouterStats
 
 MEAN = (0.4914 * 255, 0.4822 * 255, 0.4465 * 255)
 STD = (0.2470 * 255, 0.2435 * 255, 0.2616 * 255)

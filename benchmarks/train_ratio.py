@@ -2,14 +2,15 @@
 static, joint, joint, static (eager, bf16 autocast, channels_last, synthetic data, batch 256).
 Run it from two checkouts, alternating processes, to compare commits on one warm machine:
 
-    python benchmarks/train_ratio.py NAME     (prints NAME, the rdinet it imported, both rates, the ratio)
+    python -m benchmarks.train_ratio NAME     (prints NAME, the rdinet it imported, both rates, the ratio)
 """
 import sys
 
 import torch
 
 import rdinet
-from pipeline.bench import MEAN, STD, Timer, make_training_model, synthetic, train_step_fn
+from benchmarks.timing import Timer
+from benchmarks.workloads import MEAN, STD, make_training_model, synthetic, train_step_fn
 
 
 def main():

@@ -1,7 +1,7 @@
 """Where the trainer's step time goes beyond the model's: one compiled model, timed through more
 and more of `pipeline/train.py`'s step loop in one process.
 
-    python benchmarks/trainer_step.py [--job jobs/cifar10_r110.yaml] [--mode joint|full]
+    python -m benchmarks.trainer_step [--job jobs/cifar10_r110.yaml] [--mode joint|full]
                                       [--compile reduce-overhead] [--steps 40] [--rounds 3]
 
 Rows (ms per step, median of interleaved rounds; all share the one compiled module, so one
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,16 +39,15 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import trainer  # noqa: E402
-from pipeline.bench import Timer, cuda_intervals, eager_ops_per_call, from_loader, short_gaps_us  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import build_loader  # noqa: E402
-from pipeline.data.generate import ensure_generated  # noqa: E402
-from pipeline.distributed import make_accelerator, use_bf16  # noqa: E402
-from pipeline.graphed_step import GraphedStep  # noqa: E402
-from pipeline.schedule import make_scheduler  # noqa: E402
+from benchmarks.timing import Timer, cuda_intervals, eager_ops_per_call, short_gaps_us
+from benchmarks.workloads import from_loader
+from pipeline import trainer
+from pipeline.config import load_config
+from pipeline.data import build_loader
+from pipeline.data.generate import ensure_generated
+from pipeline.distributed import make_accelerator, use_bf16
+from pipeline.graphed_step import GraphedStep
+from pipeline.schedule import make_scheduler
 
 
 def parse_args(argv=None):
@@ -180,7 +178,8 @@ def main(argv=None) -> dict:
             for row in rows:
                 times[row].append(1000 * window(steps[row]))
         result = {row: statistics.median(times[row]) for row in rows}
-        host = {row: host_ms_per_step(steps[row], args.steps, device) for row in rows}
+        host_clock = Timer(device, warmup=0, iters=args.steps, repeats=1, clock="host")
+        host = {row: 1000 * host_clock(steps[row]) for row in rows}
         profiled = 5  # steps
         spans = {row: cuda_intervals(steps[row], profiled) for row in rows} if device.type == "cuda" else {}
         gpu = {row: sum(end - start for start, end in spans[row]) / profiled / 1000 for row in spans}
@@ -206,19 +205,6 @@ def main(argv=None) -> dict:
     return {"ms_per_step": result, "host_ms_per_step": host, "gpu_ms_per_step": gpu, "gpu_gaps_ms_per_step": gaps,
             "eager_ops_per_step": eager,
             "cudagraph_skips": skipped.reasons}
-
-
-def host_ms_per_step(step, steps: int, device) -> float:
-    """Host time of `steps` calls from an idle GPU, not counting the wait for it at the end."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    tick = time.perf_counter()
-    for _ in range(steps):
-        step()
-    spent = time.perf_counter() - tick
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 1000 * spent / steps
 
 
 class CudagraphSkips(logging.Handler):

@@ -38,9 +38,9 @@ def freeze(model: RDINet, dtype: torch.dtype | None = None, bucket: int = 32,
            use_triton: bool | None = None) -> "FrozenRDINet":
     """The inference form of `model` (on its device). dtype: bf16 on a GPU, float32 on the CPU.
     bucket: the 3x3 convolutions run on the executing samples padded to a multiple of this
-    (cuDNN picks poor kernels for odd batch sizes: at batch 256 and 30 % executing, bucket 1 ran
-    at 0.6 of bucket 8 on an H200, and 16 or 32 at about 1.05 of it). use_triton: the
-    1x1 convolutions as Triton kernels (default: on CUDA) or as torch ops (see rdinet.kernels)."""
+    (cuDNN picks poor kernels for odd batch sizes; docs/performance.md compares buckets).
+    use_triton: the 1x1 convolutions as Triton kernels (default: on CUDA) or as torch ops (see
+    rdinet.kernels)."""
     if not isinstance(model, RDINet):
         raise ValueError(f"freeze needs an RDINet (rdinet.create_model); got {type(model).__name__}")
     device = next(model.parameters()).device
@@ -132,8 +132,8 @@ class FoldedConv:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding).contiguous(memory_format=CHANNELS_LAST)
 
     def relu(self, x: torch.Tensor) -> torch.Tensor:
-        """ReLU(conv(x) + bias): on a GPU cuDNN's fused convolution (2.4x faster than the
-        convolution and a ReLU pass for the bottlenecks' 3x3 on an H200)."""
+        """ReLU(conv(x) + bias): on a GPU cuDNN's fused convolution, faster than the convolution
+        and a ReLU pass of its own (docs/performance.md, "Inference")."""
         if x.is_cuda and self.fused_relu:
             try:
                 out = torch.cudnn_convolution_relu(x, self.weight, self.bias, self.stride, self.padding, (1, 1), 1)

@@ -1,7 +1,9 @@
 """The speed benchmark runs end to end at tiny sizes on the CPU (its figures matter on a GPU only)."""
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_bench_tiny_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--tiny", "--device", "cpu", "--archs", "resnet110",
-                           "--skip-buckets", "1", "8", "32", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.model_bench", "--tiny", "--device", "cpu", "--archs",
+                           "resnet110", "--skip-buckets", "1", "8", "32", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     train = result["train"]["resnet110"]
@@ -28,7 +31,7 @@ def test_bench_tiny_writes_every_figure(tmp_path):
 
 
 def test_cuda_graph_training_rows_need_a_gpu(capsys):
-    from pipeline.bench import main
+    from benchmarks.model_bench import main
     with pytest.raises(SystemExit) as exit_info:
         main(["--device", "cpu", "--cuda-graph", "--tiny"])
     assert exit_info.value.code == 2 and "needs a CUDA --device" in capsys.readouterr().err
@@ -37,9 +40,9 @@ def test_cuda_graph_training_rows_need_a_gpu(capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_rows_with_each_step_one_cuda_graph(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--tiny", "--device", "cuda", "--archs", "resnet110",
-                           "--skip-inference", "--cuda-graph", "--out", str(out)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.model_bench", "--tiny", "--device", "cuda", "--archs",
+                           "resnet110", "--skip-inference", "--cuda-graph", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = json.loads(out.read_text())["train"]["resnet110"]
     assert train["cuda_graph"] and train["static_synthetic"] > 0 and train["rdinet_synthetic"] > 0
@@ -49,7 +52,7 @@ def test_training_rows_with_each_step_one_cuda_graph(tmp_path):
 
 @pytest.mark.slow  # every row of the trainer's step, DeepSpeed included: ~35 s on 2 cores
 def test_trainer_step_bench_times_every_row_of_the_trainers_step(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/trainer_step.py", "--tiny", "--compile", "none", "--steps", "2",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.trainer_step", "--tiny", "--compile", "none", "--steps", "2",
                            "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.split()}
@@ -69,17 +72,13 @@ def test_trainer_step_bench_times_every_row_of_the_trainers_step(tmp_path):
 def test_trainer_step_bench_takes_reduce_overhead_with_a_job_that_captures_its_step(tmp_path):
     # jobs/cifar10_r110.yaml sets train.cuda_graph, which the config refuses with reduce-overhead;
     # the benchmark's rows build their own steps, so it turns the key off
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import trainer_step
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    from benchmarks import trainer_step
     cfg = trainer_step.job_config(trainer_step.parse_args(["--compile", "reduce-overhead"]), tmp_path)
     assert cfg["train"]["compile"] == "reduce-overhead" and cfg["train"]["cuda_graph"] is False
 
 
 def test_short_gaps_count_only_the_idle_time_between_nearby_gpu_operations():
-    from pipeline.bench import short_gaps_us
+    from benchmarks.timing import short_gaps_us
     # two overlapping kernels (0-15 busy), a 2 us gap, a kernel, then an 80 us wait for the host
     spans = [(5.0, 15.0), (0.0, 10.0), (17.0, 20.0), (100.0, 110.0)]
     assert short_gaps_us(spans) == 2.0
@@ -90,10 +89,32 @@ def test_short_gaps_count_only_the_idle_time_between_nearby_gpu_operations():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fed_timeline_reports_every_feed():
-    proc = subprocess.run([sys.executable, "benchmarks/fed_timeline.py", "--tiny", "--steps", "2", "--cuda-graph"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.fed_timeline", "--tiny", "--steps", "2", "--cuda-graph"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
     for feed in ("synthetic", "dali_mixed", "dali_cpu"):
         assert "ms/step" in rows[feed] and "other streams" in rows[feed]
     assert "dali_cpu" in rows["img/s:"]
+
+
+
+def test_timer_calls_warmup_then_windows_and_returns_the_median_window():
+    from benchmarks.timing import Timer
+    for clock in ("wall", "host"):
+        sleeps = iter([0.0, 0.0, 0.03, 0.0, 0.0, 0.0, 0.0])  # warm-up, window 1 (slow), windows 2 and 3
+        calls = []
+
+        def fn():
+            calls.append(1)
+            time.sleep(next(sleeps))
+        seconds = Timer(torch.device("cpu"), warmup=1, iters=2, repeats=3, clock=clock)(fn)
+        assert len(calls) == 1 + 2 * 3 and seconds < 0.01  # the slow window is not the median
+    with pytest.raises(ValueError, match="events on a GPU only"):
+        Timer(torch.device("cpu"), warmup=0, iters=1, repeats=1, clock="events")
+
+
+def test_the_library_and_the_trainer_import_nothing_from_the_benchmarks():
+    imports = re.compile(r"^\s*(from|import)\s+benchmarks\b", re.M)
+    sources = [path for folder in ("rdinet", "pipeline") for path in (REPO / folder).rglob("*.py")]
+    assert sources and [str(path) for path in sources if imports.search(path.read_text())] == []

@@ -1,4 +1,4 @@
-"""`python -m pipeline.data.bench` at tiny sizes on the CPU: it runs and reports all three figures; on a GPU
+"""`python -m benchmarks.loader_bench` at tiny sizes on the CPU: it runs and reports all three figures; on a GPU
 also with the whole step captured as one CUDA graph."""
 import json
 import statistics
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_bench(tmp_path, *args) -> tuple[list[str], dict]:
     """Runs the benchmark in a fresh process: its output lines and its RESULT figures."""
-    result = subprocess.run([sys.executable, "-m", "pipeline.data.bench", "--root", str(tmp_path), *args],
+    result = subprocess.run([sys.executable, "-m", "benchmarks.loader_bench", "--root", str(tmp_path), *args],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
@@ -39,7 +39,7 @@ def test_bench_on_cpu(tmp_path, dataset, extra):
 
 
 def test_cuda_graph_needs_a_gpu_and_no_graphs_of_its_own(capsys):
-    from pipeline.data import bench
+    from benchmarks import loader_bench as bench
     for argv, message in ((["--device", "cpu", "--cuda-graph"], "needs --device cuda"),
                           (["--device", "cuda", "--cuda-graph", "--compile", "reduce-overhead"], "use --compile default or none")):
         with pytest.raises(SystemExit) as exit_info:

@@ -1,4 +1,4 @@
-"""`benchmarks/equivalence.py` on the CPU: the demo job made tiny, on 1 and 2 real processes (gloo)
+"""`python -m benchmarks.equivalence` on the CPU: the demo job made tiny, on 1 and 2 real processes (gloo)
 at one global batch. Both runs train every image once per epoch and report a loss curve per stage."""
 import json
 import math
@@ -17,7 +17,7 @@ TINY = ["data.generated_size=12", "data.generated_val_size=4", "stages.warmup.ep
 
 def test_one_and_two_processes_at_one_global_batch(tmp_path):
     sets = [arg for pair in [*TINY, f"data.root={tmp_path / 'data'}"] for arg in ("--set", pair)]
-    done = subprocess.run([sys.executable, "benchmarks/equivalence.py", "--processes", "1", "2", "--noise-seed", "-1",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.equivalence", "--processes", "1", "2", "--noise-seed", "-1",
                            "--global-batch", "16", "--work", str(tmp_path / "runs"), *sets],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -32,15 +32,13 @@ DATA_DEFAULTS = {
     # thread that launches the training step. A resumed run must use the value it started with.
     "batches_per_run": 0,
     # Share of JPEG decoding given to the GPU's hardware decoder (A100/H100/H200; mixed decode).
-    # All of it: the rest is decoded on the SMs the training step needs (0.982 of synthetic-data
-    # speed for ResNet-50 on an H200, against 0.957 at DALI's example value 0.65).
+    # All of it: the rest is decoded on the SMs the training step needs (docs/performance.md).
     "hw_decoder_load": 1.0,
     # Where a GPU pipeline decodes JPEGs: "mixed" (nvJPEG: the hardware decoder, hw_decoder_load)
     # or "cpu" (libjpeg-turbo on DALI's num_threads; the crop, resize and normalisation stay on
     # the GPU). "cpu" for a step captured as one CUDA graph (train.cuda_graph): the captured step
     # never leaves the GPU idle, and the hardware decoder's small per-image copies and kernels
-    # then wait behind it, so training waits for the batch (0.87-0.88 of synthetic-data speed against
-    # 0.99 with "cpu", RDI-Net-50 on an H200 with 16 CPU cores).
+    # then wait behind it, so training waits for the batch (docs/performance.md, "Data loading").
     "decode_device": "mixed",
 }
 

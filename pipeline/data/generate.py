@@ -123,8 +123,7 @@ def _write_cifar(folder: str, params: dict) -> None:
 
 def _write_imagenet_split(folder: str, split: str, params: dict) -> None:
     # Threads: drawing (numpy) and JPEG encoding (Pillow) release the GIL, so the set is written
-    # about as many times faster as there are cores (a minute for pipeline.bench's 5,120 images
-    # on one core).
+    # about as many times faster as there are cores.
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         for _ in pool.map(lambda sample: _write_jpeg(folder, split, params, *sample), _samples(split, params)):
             pass  # re-raises a worker's error

@@ -30,8 +30,8 @@ from .errors import DataError
 READER = "Reader"  # the file reader's name in the ImageNet pipeline
 # CIFAR: batches per DALI iteration by default, so that one iteration holds about this many
 # images. DALI's cost per iteration (scheduling, the source callback, the iterator's Python) is
-# paid on the thread that launches the training step; at 256 images it held a CUDA-graphed
-# ResNet-32 to about 0.8 of its synthetic-data speed on an H200.
+# paid on the thread that launches the training step, so fewer, larger iterations pay it less
+# often (docs/performance.md, "Data loading").
 CIFAR_SAMPLES_PER_RUN = 1024
 
 CHECK_HINT = "run `python -m pipeline.data.check --job JOB --set data.root={root}` to list every unreadable file"

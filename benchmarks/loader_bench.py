@@ -1,9 +1,9 @@
 """Loader benchmark: DALI loader alone, training fed by it, and the same training on synthetic data.
 
-    python -m pipeline.data.bench --dataset imagenet --device cuda        # ResNet-50, 224 px
-    python -m pipeline.data.bench --dataset cifar10 --device cuda         # CIFAR ResNet-32
-    python -m pipeline.data.bench --dataset cifar10 --device cuda --cuda-graph   # each step one CUDA graph
-    python -m pipeline.data.bench --dataset imagenet --device cpu --batch-size 4 --steps 2 \
+    python -m benchmarks.loader_bench --dataset imagenet --device cuda        # ResNet-50, 224 px
+    python -m benchmarks.loader_bench --dataset cifar10 --device cuda         # CIFAR ResNet-32
+    python -m benchmarks.loader_bench --dataset cifar10 --device cuda --cuda-graph   # each step one CUDA graph
+    python -m benchmarks.loader_bench --dataset imagenet --device cpu --batch-size 4 --steps 2 \
         --image-count 16 --image-size 64                             # seconds, for tests
 
 Data: a generated dataset in the real layout (ImageNet-like JPEGs of about --image-px pixels,
@@ -23,16 +23,17 @@ import math
 import os
 import statistics
 import tempfile
-import time
 import types
 
 import torch
 import torch.nn.functional as F
 
-from ..config import GRAPHED_COMPILE_MODES
-from ..graphed_step import GraphedStep
-from . import build_loader
-from .generate import ensure_generated
+from benchmarks.timing import Timer
+from benchmarks.workloads import endless
+from pipeline.config import GRAPHED_COMPILE_MODES
+from pipeline.data import build_loader
+from pipeline.data.generate import ensure_generated
+from pipeline.graphed_step import GraphedStep
 
 
 def _model(dataset: str) -> torch.nn.Module:
@@ -66,23 +67,19 @@ def _cross_entropy(images, logits, gates, labels):
 
 def _batches(loader, count: int):
     """`count` batches, running through as many epochs as needed."""
-    return itertools.islice(itertools.chain.from_iterable(iter(loader) for _ in itertools.count()), count)
+    return itertools.islice(endless(loader), count)
 
 
 def _timed(run, steps: int, warmup: int, batch_size: int, device: torch.device) -> float:
-    """img/s of run(n) (which does n steps) over `steps` steps, after `warmup` untimed ones."""
+    """img/s of run(n) (which does n steps) over `steps` steps, after `warmup` untimed ones; by the
+    wall clock, since the loader's work runs on streams of its own."""
     run(warmup)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    run(steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return steps * batch_size / (time.perf_counter() - start)
+    window = Timer(device, warmup=0, iters=1, repeats=1, clock="wall")
+    return steps * batch_size / window(lambda: run(steps))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.data.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loader_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=("imagenet", "cifar10"), default="imagenet")
     parser.add_argument("--device", choices=("cuda", "cpu"),
@@ -97,8 +94,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-px", type=int, default=448, help="generated JPEG side (ImageNet-like)")
     parser.add_argument("--image-size", type=int, default=224, help="ImageNet crop side")
     parser.add_argument("--num-threads", type=int, default=None,
-                        help="DALI CPU threads (default: 2 for cifar10, which needs few and measured best "
-                             "with 2 on an H100; up to 12 for imagenet's decoding)")
+                        help="DALI CPU threads (default: 2 for cifar10, whose pipeline needs few and whose "
+                             "training competes with them for the CPU; up to 12 for imagenet's decoding)")
     parser.add_argument("--prefetch", type=int, default=3)
     parser.add_argument("--hw-decoder-load", type=float, default=1.0)
     parser.add_argument("--decode-device", choices=("mixed", "cpu"), default="mixed",

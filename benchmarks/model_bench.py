@@ -1,6 +1,6 @@
 """Speed of RDI-Net against the static ResNet, each baseline measured in the same run.
 
-    python -m pipeline.bench [--device cuda] [--out benchmarks/results/NAME.json]
+    python -m benchmarks.model_bench [--device cuda] [--out benchmarks/results/NAME.json]
 
 1. training img/s: static backbone on synthetic data (baseline), RDI-Net joint mode on synthetic
    data (router + SRM overhead), RDI-Net fed by the DALI loader (loader overhead); with
@@ -14,209 +14,23 @@ it runs at tiny sizes (--tiny) so the tests cover it.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-import rdinet
+from benchmarks.timing import Timer, gpu_ms_per_call
+from benchmarks.workloads import (ARCHS, MEAN, STD, from_loader, generated_loader, make_model, make_training_model,
+                                  synthetic, train_step_fn)
+from pipeline.config import GRAPHED_COMPILE_MODES
 from rdinet import inference, kernels, model_cost, srm
-from rdinet.losses import total_loss
 
-from .config import GRAPHED_COMPILE_MODES
-from .graphed_step import GraphedStep
-
-ARCHS = {"resnet50": (224, 1000), "resnet110": (32, 10)}
 RATES = (1.0, 0.65, 0.5, 0.3)
 SKIP_BUCKETS = (1, 32)  # real-skipping rows: exact sample counts, and rounded up to multiples of 32
 FROZEN_BUCKETS = (1, 32)  # the frozen net's rows (rdinet.inference; 32 is freeze's default)
-
-
-class Timer:
-    """Seconds per call of `fn`: median over `repeats` windows of `iters` calls, after `warmup` calls."""
-
-    def __init__(self, device: torch.device, warmup: int, iters: int, repeats: int):
-        self.device, self.warmup, self.iters, self.repeats = device, warmup, iters, repeats
-
-    def __call__(self, fn) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(self.iters):
-                    fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1000 / self.iters)
-            else:
-                tick = time.perf_counter()
-                for _ in range(self.iters):
-                    fn()
-                times.append((time.perf_counter() - tick) / self.iters)
-        return statistics.median(times)
-
-
-def gpu_ms_per_call(fn, calls: int = 10) -> float:
-    """Summed duration of the GPU operations (kernels, copies, fills) one call of `fn` runs
-    (torch.profiler), in ms."""
-    return sum(end - start for start, end in cuda_intervals(fn, calls)) / calls / 1000
-
-
-def cuda_intervals(fn, calls: int) -> list[tuple[float, float]]:
-    """(start, end) in us of every CUDA kernel, copy and fill that `calls` calls of `fn` run."""
-    return [(e.time_range.start, e.time_range.end) for e in cuda_events(fn, calls)]
-
-
-def cuda_events(fn, calls: int, warmup: int = 1) -> list:
-    """torch.profiler's events of every CUDA kernel, copy and fill that `calls` calls of `fn` run
-    (.time_range in us, .device_resource_id the stream), after `warmup` unprofiled calls."""
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
-def idle_gaps_us(intervals) -> list[float]:
-    """The idle stretches (us) between consecutive GPU operations, given as (start, end) in us."""
-    gaps, busy_until = [], None
-    for start, end in sorted(intervals):
-        if busy_until is not None and start > busy_until:
-            gaps.append(start - busy_until)
-        busy_until = end if busy_until is None else max(busy_until, end)
-    return gaps
-
-
-def short_gaps_us(intervals, below_us: float = 20.0) -> float:
-    """Summed idle time between consecutive GPU operations, counting only gaps shorter than
-    `below_us`: what the GPU spends between dependent kernels on its own (a few us each, inside
-    CUDA graphs too). Longer gaps are waits for the host, which the profiler itself lengthens."""
-    return sum((gap for gap in idle_gaps_us(intervals) if gap < below_us), 0.0)
-
-
-def eager_ops_per_call(fn, calls: int = 3) -> dict[str, float]:
-    """The aten ops one call of `fn` dispatches outside torch.compile's graphs (top-level ones, by
-    name; torch.profiler): host work on every device, and on a GPU launches outside CUDA graphs."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            fn()
-    counts = collections.Counter(e.name for e in prof.events()
-                                 if e.name.startswith("aten::") and not _nested_or_compiled(e))
-    return {name: n / calls for name, n in counts.most_common()}
-
-
-def _nested_or_compiled(event) -> bool:
-    """Inside another aten op, or inside a compiled graph ("Torch-Compiled Region", "CompiledFunction",
-    "CompiledFunctionBackward", "## Call CompiledFxGraph ...")."""
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::") or "Compiled" in parent.name:
-            return True
-        parent = parent.cpu_parent
-    return False
-
-
-def make_model(arch: str, classes: int, mode: str, device, d: int = 256):
-    model = rdinet.create_model(arch, num_classes=classes, d=d).to(device, memory_format=torch.channels_last)
-    return model.set_mode(mode)
-
-
-def make_training_model(arch: str, classes: int, mode: str, device):
-    """make_model in train mode; the static network ("full") keeps its routers, which never run,
-    out of the optimizer, as the trainer does."""
-    model = make_model(arch, classes, mode, device).train()
-    if mode == "full":
-        for p in model.router_parameters():
-            p.requires_grad_(False)
-    return model
-
-
-def train_step_fn(model, batch_source, bf16: bool, mean, std, joint: bool, cuda_graph: bool = False):
-    """One training step per call: SGD on the classification loss (static) or eq. 16 (joint).
-    With cuda_graph the whole step is captured on the first batch and replayed (GraphedStep, as
-    train.cuda_graph trains), with the fused SGD that a replay needs."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4, fused=cuda_graph or None)
-    device_type = next(model.parameters()).device.type
-
-    def loss_terms(images, logits, gates, labels):
-        if not joint:
-            return {"loss": F.cross_entropy(logits.float(), labels)}
-        hist = srm.color_histograms(images, bins=16, mean=mean, std=std)
-        return total_loss(logits.float(), labels, gates.float(), hist, t=0.5, alpha=0.2)
-
-    def step():
-        images, labels = batch_source()
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(images)
-        loss_terms(images, out.logits, out.gates, labels)["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    captured = []
-
-    def graphed_step():
-        images, labels = batch_source()
-        if not captured:
-            captured.append(GraphedStep(model, opt, loss_terms, images, labels, bf16))
-        captured[0](images, labels)
-    return graphed_step if cuda_graph else step
-
-
-def synthetic(batch: int, size: int, classes: int, device):
-    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, classes, (batch,), device=device)
-    return lambda: (images, labels)
-
-
-def from_loader(loader):
-    """Endless batches from a DALI loader (epochs roll over)."""
-    state = {"it": iter(loader)}
-
-    def next_batch():
-        try:
-            return next(state["it"])
-        except StopIteration:
-            state["it"] = iter(loader)
-            return next(state["it"])
-    return next_batch
-
-
-def generated_loader(arch: str, batch: int, device, tmp: Path, tiny: bool, decode_device: str = "mixed"):
-    from pipeline.data import build_loader
-    from pipeline.data.generate import ensure_generated
-    size, classes = ARCHS[arch]
-    dataset = "imagenet" if size == 224 else "cifar10"
-    # 2 * batch per class: 20 full batches an epoch of 10 classes, none dropped, so the timing sees
-    # few epoch ends (a real ImageNet epoch has 5,005 batches)
-    cfg = {"dataset": dataset, "root": str(tmp / dataset), "generate": True, "batch_size": batch,
-           "generated_size": 4 if tiny else 2 * batch, "generated_classes": 10, "generated_val_size": 2,
-           "num_threads": 2 if tiny else 12, "dtype": "bfloat16" if device.type == "cuda" else "float32",
-           "device": "gpu" if device.type == "cuda" else "cpu", "image_size": 224 if not tiny else 64,
-           "decode_device": decode_device}
-    if dataset == "imagenet":
-        cfg["generated_image_px"] = 64 if tiny else 400
-    ensure_generated(cfg)
-    loader = build_loader(cfg, "train", device_id=0 if device.type == "cuda" else None)
-    return loader
-
-
-MEAN, STD = (123.7, 116.3, 103.5), (58.4, 57.1, 57.4)  # any plausible 0..255 statistics for the SRM
 
 
 def _workload(arch, batch, device, tiny):
