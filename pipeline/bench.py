@@ -29,7 +29,7 @@ import rdinet
 from rdinet import inference, kernels, model_cost, srm
 from rdinet.losses import total_loss
 
-from .config import GRAPHED_COMPILE_MODES
+from .config import nests_cuda_graphs
 from .graphed_step import GraphedStep
 
 ARCHS = {"resnet50": (224, 1000), "resnet110": (32, 10)}
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         parser.error("--cuda-graph captures CUDA graphs: it needs a CUDA --device")
-    if args.cuda_graph and args.compile and args.compile_mode in GRAPHED_COMPILE_MODES:
+    if args.compile and nests_cuda_graphs(args.compile_mode, args.cuda_graph):
         parser.error(f"--cuda-graph with --compile-mode {args.compile_mode}: its own CUDA graphs cannot be "
                      "captured inside the step's; use --compile-mode default")
     for option, values in (("--skip-buckets", args.skip_buckets), ("--frozen-buckets", args.frozen_buckets)):

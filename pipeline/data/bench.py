@@ -29,7 +29,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from ..config import GRAPHED_COMPILE_MODES
+from ..config import nests_cuda_graphs
 from ..graphed_step import GraphedStep
 from . import build_loader
 from .generate import ensure_generated
@@ -120,7 +120,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cuda_graph and args.device != "cuda":
         parser.error("--cuda-graph captures CUDA graphs: it needs --device cuda")
-    if args.cuda_graph and args.compile in GRAPHED_COMPILE_MODES:
+    if nests_cuda_graphs(args.compile, args.cuda_graph):
         parser.error(f"--cuda-graph with --compile {args.compile}: its own CUDA graphs cannot be captured "
                      "inside the step's; use --compile default or none")
     return args
