@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from benchmarks.timing import Timer
 from benchmarks.workloads import endless
-from pipeline.config import GRAPHED_COMPILE_MODES
+from pipeline.config import nests_cuda_graphs
 from pipeline.data import build_loader
 from pipeline.data.generate import ensure_generated
 from pipeline.graphed_step import GraphedStep
@@ -117,7 +117,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cuda_graph and args.device != "cuda":
         parser.error("--cuda-graph captures CUDA graphs: it needs --device cuda")
-    if args.cuda_graph and args.compile in GRAPHED_COMPILE_MODES:
+    if nests_cuda_graphs(args.compile, args.cuda_graph):
         parser.error(f"--cuda-graph with --compile {args.compile}: its own CUDA graphs cannot be captured "
                      "inside the step's; use --compile default or none")
     return args

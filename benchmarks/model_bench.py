@@ -25,7 +25,7 @@ import torch
 from benchmarks.timing import Timer, gpu_ms_per_call
 from benchmarks.workloads import (ARCHS, MEAN, STD, from_loader, generated_loader, make_model, make_training_model,
                                   synthetic, train_step_fn)
-from pipeline.config import GRAPHED_COMPILE_MODES
+from pipeline.config import nests_cuda_graphs
 from rdinet import inference, kernels, model_cost, srm
 
 RATES = (1.0, 0.65, 0.5, 0.3)
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         parser.error("--cuda-graph captures CUDA graphs: it needs a CUDA --device")
-    if args.cuda_graph and args.compile and args.compile_mode in GRAPHED_COMPILE_MODES:
+    if args.compile and nests_cuda_graphs(args.compile_mode, args.cuda_graph):
         parser.error(f"--cuda-graph with --compile-mode {args.compile_mode}: its own CUDA graphs cannot be "
                      "captured inside the step's; use --compile-mode default")
     for option, values in (("--skip-buckets", args.skip_buckets), ("--frozen-buckets", args.frozen_buckets)):

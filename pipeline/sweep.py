@@ -16,7 +16,6 @@ and `<runs-dir>/logs/<name>.log`. Exit code: 0 every run complete, 75 stopped, 1
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shlex
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import ConfigError, dump, enabled_stages, load_config
+from pipeline.config import NOT_IN_WARMUP, ConfigError, dump, enabled_stages, load_config, without
 
 REPO = Path(__file__).resolve().parent.parent
 REQUEUE_EXIT = 75
@@ -51,15 +50,9 @@ class Run:
 
 
 def warmup_key(cfg: dict) -> str:
-    """What decides the warm-up's result: everything but the job's name, the losses, the joint stage
-    and the routers' relational settings (routers are frozen during USW)."""
-    key = copy.deepcopy(cfg)
-    for name in ("job", "loss"):
-        key.pop(name)
-    key["stages"].pop("joint")
-    for name in ("gamma", "r", "tau", "straight_through", "router_norm"):
-        key["model"].pop(name)
-    return dump(key)
+    """What decides the warm-up's result: every key but those of NOT_IN_WARMUP (the job's name, the
+    losses, the joint stage and the routers' relational settings: routers are frozen during USW)."""
+    return dump(without(cfg, NOT_IN_WARMUP))
 
 
 def plan(jobs: list[Path], overrides: list[str], runs_dir: Path) -> list[Run]:

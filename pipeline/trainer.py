@@ -22,6 +22,7 @@ import rdinet
 from rdinet import srm
 from rdinet.losses import total_loss
 from pipeline import checkpoint as ckpt
+from pipeline.config import MODEL_ARGS
 from pipeline.data import build_loader
 from pipeline.data.defaults import resolve as resolve_data
 from pipeline.data.generate import ensure_generated
@@ -60,10 +61,7 @@ def stage_mode(cfg: dict, stage: str) -> str:
 
 
 def build_model(cfg: dict):
-    m = cfg["model"]
-    return rdinet.create_model(m["arch"], num_classes=m["num_classes"], gamma=m["gamma"], r=m["r"],
-                               d=m["d"], tau=m["tau"], straight_through=m["straight_through"],
-                               router_norm=m["router_norm"])
+    return rdinet.create_model(**{name: cfg["model"][name] for name in MODEL_ARGS})
 
 
 def init_weights(model, cfg: dict, stage: str, run_dir: Path, log) -> None:

@@ -60,10 +60,67 @@ def test_overrides_parse_yaml_values():
     ("stages.joint.hard_tail=1.5", "stages.joint.hard_tail"),
     ("loss.cost_over=image", "loss.cost_over"),
     ("stages.warmup.hard_tail=0.5", "stages.warmup.hard_tail"),
+    ("optim.lr=abc", "optim.lr"),
+    ("optim.lr=null", "optim.lr"),
+    ("model.gamma=half", "model.gamma"),
+    ("model.gamma=1.5", "model.gamma"),
+    ("stages.joint.milestones=[1.5]", "stages.joint.milestones"),
+    ("stages.joint.epochs=0", "stages.joint.epochs"),
+    ("stages.warmup.epochs=-1", "stages.warmup.epochs"),
+    ("data.root=3", "data.root"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=abc", "config key 'optim.lr' must be of type float (like the default 0.05), got 'abc'"),
+    ("optim.lr=true", "config key 'optim.lr' must be of type float (like the default 0.05), got True"),
+    ("optim.lr=null", "config key 'optim.lr' must be of type float (like the default 0.05), got None"),
+    ("data.batch_size=2.0", "config key 'data.batch_size' must be of type int (like the default 32), got 2.0"),
+    ("model.gamma=half", "config key 'model.gamma' must be of type float or 'auto' (like the default 0.5), got 'half'"),
+    ("model.pretrained=3", "config key 'model.pretrained' must be of type str or null (like the default None), got 3"),
+    ("stages.joint.milestones=[x]", "must be of type list of int (like the default [2]), got ['x']"),
+    ("train.compile=fast", "config key 'train.compile' must be one of none, default, reduce-overhead, max-autotune"),
+    ("stages.joint.hard_tail=1.5", "config key 'stages.joint.hard_tail' must be in [0, 1], got 1.5"),
+    ("stages.joint.epochs=0", "config key 'stages.joint.epochs' must be >= 1, got 0"),
+])
+def test_a_bad_value_is_refused_naming_the_expected_type(override, message):
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, [override])
+    assert message in str(refused.value)
+
+
+def test_strings_are_not_numbers_but_yaml_numbers_are(tmp_path):
+    """A quoted number is a string, refused for a number key, in a job file as in an override; an
+    unquoted 5e-4 is a number (PyYAML alone would read it as a string)."""
+    job = tmp_path / "j.yaml"
+    job.write_text('job: x\noptim: {lr: "0.1"}\n')
+    with pytest.raises(ConfigError, match=r"'optim\.lr' must be of type float .*got '0\.1'"):
+        load_config(job, ["data.root=/d"])
+    with pytest.raises(ConfigError, match=r"'optim\.lr' must be of type float"):
+        load_config(None, ["optim.lr='0.1'"])
+    job.write_text("job: x\noptim: {weight_decay: 5e-4}\n")
+    optim = load_config(job, ["data.root=/d", "optim.lr=1e-1"])["optim"]
+    assert (optim["lr"], optim["weight_decay"]) == (0.1, 5e-4)
+    cfg = load_config(None, ["model.gamma=1", "model.pretrained=null", "train.log_every=5"])
+    assert cfg["model"]["gamma"] == 1.0 and isinstance(cfg["model"]["gamma"], float)
+    assert cfg["model"]["pretrained"] is None and cfg["train"]["log_every"] == 5
+
+
+def test_the_schema_is_the_defaults_and_names_what_others_read():
+    import inspect
+
+    import rdinet
+    from pipeline.config import DEFAULTS, LEAVES, MODEL_ARGS, NOT_IN_WARMUP, Config
+    from pipeline.data.defaults import DATA_DEFAULTS
+    from pipeline.rundir import RESUMABLE_KEYS, flatten
+    assert DEFAULTS["data"] == DATA_DEFAULTS and set(flatten(DEFAULTS)) == set(LEAVES)
+    assert Config().stages.joint.milestones == [250, 300] and Config().model.router_norm == "none"
+    assert set(MODEL_ARGS) <= set(inspect.signature(rdinet.create_model).parameters) and "pretrained" not in MODEL_ARGS
+    for key in NOT_IN_WARMUP + RESUMABLE_KEYS:
+        assert key in LEAVES or any(leaf.startswith(key + ".") for leaf in LEAVES), key
 
 
 def test_whole_step_cuda_graph_refuses_compiles_with_their_own_graphs():
@@ -132,6 +189,8 @@ def test_a_config_saved_before_a_key_existed_gets_its_default():
     assert filled["model"]["router_norm"] == "none" and filled["job"] == "demo"
     with pytest.raises(ConfigError, match="model.nosuch"):
         with_defaults({"model": {"nosuch": 1}})
+    with pytest.raises(ConfigError, match="optim.lr"):
+        with_defaults({"optim": {"lr": "0.1"}})
 
 
 def test_a_run_directory_from_before_router_norm_resumes(tmp_path):
