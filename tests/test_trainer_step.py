@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import DEFAULTS
 from pipeline.trainer import make_loss_terms, stage_eta
 from rdinet import srm
 from rdinet.losses import total_loss
@@ -163,7 +164,9 @@ def test_compiled_loss_terms_equal_the_eager_terms_and_their_gradients(mode, cos
     logits = torch.randn(16, 10, requires_grad=True)
     gates = torch.rand(16, 9, requires_grad=True)
     labels = torch.randint(0, 10, (16,))
-    loss_cfg = {"t": 0.5, "alpha": 0.2, "phi": 0.5, "tie_eps": 1e-3, "bins": 16, "cost_over": cost_over}
+    # on the defaults, so that a key added to the loss section reaches this test too
+    loss_cfg = {**DEFAULTS["loss"], "t": 0.5, "alpha": 0.2, "phi": 0.5, "tie_eps": 1e-3, "bins": 16,
+                "cost_over": cost_over}
     mean, std = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
     eager = make_loss_terms(mode, loss_cfg, mean, std)(images, logits, gates, labels)
     compiled = torch.compile(make_loss_terms(mode, loss_cfg, mean, std))(images, logits, gates, labels)
