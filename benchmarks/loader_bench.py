@@ -26,14 +26,13 @@ import tempfile
 import types
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.timing import Timer
-from benchmarks.workloads import endless
+from benchmarks.workloads import cross_entropy, endless
 from pipeline.config import nests_cuda_graphs
 from pipeline.data import build_loader
 from pipeline.data.generate import ensure_generated
-from pipeline.graphed_step import GraphedStep
+from pipeline.step import TrainStep
 
 
 def _model(dataset: str) -> torch.nn.Module:
@@ -49,8 +48,8 @@ def _model(dataset: str) -> torch.nn.Module:
 
 
 class _Outputs(torch.nn.Module):
-    """torchvision's ResNet returns its logits; both steps read .logits (GraphedStep also .gates), as
-    RDI-Net returns them."""
+    """torchvision's ResNet returns its logits; the step reads .logits and .gates, as RDI-Net
+    returns them."""
 
     def __init__(self, net: torch.nn.Module):
         super().__init__()
@@ -58,11 +57,6 @@ class _Outputs(torch.nn.Module):
 
     def forward(self, images):
         return types.SimpleNamespace(logits=self.net(images), gates=None)
-
-
-def _cross_entropy(images, logits, gates, labels):
-    """Both steps' loss terms, in GraphedStep's loss_terms signature."""
-    return {"loss": F.cross_entropy(logits.float(), labels)}
 
 
 def _batches(loader, count: int):
@@ -151,23 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
     forward = model if args.compile == "none" else torch.compile(model, mode=args.compile)
     net = forward if args.dataset == "cifar10" else _Outputs(forward)  # .logits, as rdinet's RDIOutput
 
-    def eager_step(images, labels):
-        if args.compile == "reduce-overhead":  # a new step: the graph's previous outputs may go
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = _cross_entropy(images, net(images).logits, None, labels)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    captured = []  # the step as one CUDA graph, captured on the first batch; fed and synthetic share it
-
-    def graphed_step(images, labels):
-        if not captured:
-            captured.append(GraphedStep(net, optimizer, _cross_entropy, images, labels, bf16))
-        captured[0](images, labels)
-
-    step = graphed_step if args.cuda_graph else eager_step
+    # Captured on the first batch with --cuda-graph: fed and synthetic share the one graph.
+    step = TrainStep(net, optimizer, cross_entropy, bf16=bf16, compiled=args.compile == "reduce-overhead",
+                     cuda_graph=args.cuda_graph)
 
     def train(batches):
         for images, labels in batches:

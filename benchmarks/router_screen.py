@@ -34,6 +34,7 @@ from rdinet import srm
 from rdinet.cost import cost_table, model_cost
 from rdinet.losses import cost_loss, total_loss
 from pipeline.evaluate import RouterStats
+from pipeline.step import TrainStep
 
 MEAN = (0.4914 * 255, 0.4822 * 255, 0.4465 * 255)
 STD = (0.2470 * 255, 0.2435 * 255, 0.2616 * 255)
@@ -160,18 +161,6 @@ def make_loss_terms(v: dict):
     return loss_terms
 
 
-def eager_step(model, opt, loss_terms):
-    def step(x, y):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            out = model(x)
-        terms = loss_terms(x, out.logits, out.gates, y)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        opt.step()
-        return terms, out.gates
-    return step
-
-
 def train_stage(model, data, v, epochs, milestones, tau_end, log, deadline):
     """SGD 0.1 / 0.9 / 1e-4, batch 256, x0.1 at each milestone; the step one CUDA graph on a GPU.
     tau goes geometrically from 1 to tau_end over the stage, through a device tensor that the
@@ -183,15 +172,14 @@ def train_stage(model, data, v, epochs, milestones, tau_end, log, deadline):
     on_gpu = data.x.device.type == "cuda"
     tau = torch.ones((), device=data.x.device)
     model._tau = tau  # a tensor in place of the float: read at replay, not at capture
-    loss_terms = make_loss_terms(v)
-    step_fn = None
+    train_step = TrainStep(model, opt, make_loss_terms(v), bf16=True, cuda_graph=on_gpu)
     step = 0
     hard_from = epochs - round(epochs * v["hard_tail"])
     for epoch in range(epochs):
         model.train()
         if epoch == hard_from and v["hard_tail"] and not model.straight_through:
             model.straight_through = True
-            step_fn = None  # the captured step read the flag at capture: capture it again
+            train_step.recapture()  # the captured step read the flag at capture
             if v["tail_router_lr"] is not None and len(opt.param_groups) > 1:
                 opt.param_groups[1]["initial_lr"] *= v["tail_router_lr"]
         for x, y in data.train_batches(256, gen):
@@ -199,13 +187,7 @@ def train_stage(model, data, v, epochs, milestones, tau_end, log, deadline):
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * factor
             tau.fill_(tau_end ** (step / max(total - 1, 1)))
-            if step_fn is None:
-                if on_gpu:
-                    from pipeline.graphed_step import GraphedStep
-                    step_fn = GraphedStep(model, opt, loss_terms, x, y, bf16=True)
-                else:
-                    step_fn = eager_step(model, opt, loss_terms)
-            terms, _ = step_fn(x, y)
+            terms, _, _ = train_step(x, y)
             step += 1
         log(f"epoch {epoch + 1}/{epochs} loss {terms['loss'].item():.3f} tau {float(tau):.3f} {time.time():.0f}")
         if time.time() > deadline:

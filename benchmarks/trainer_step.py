@@ -7,9 +7,10 @@ and more of `pipeline/train.py`'s step loop in one process.
 Rows (ms per step, median of interleaved rounds; all share the one compiled module, so one
 compile serves them all):
   module   the compiled module (with the engine's hooks, which run inside it), the trainer's
-           loss terms, loss.backward() and the fused SGD step: what the model itself costs;
-  engine   the same through the DeepSpeed engine as the trainer drives it (engine(images),
-           accelerator.backward, which also steps the optimizer and scheduler);
+           loss terms, the plain backward and the fused SGD step (pipeline.step.TrainStep on the
+           module and its torch SGD): what the model itself costs;
+  engine   the same through the DeepSpeed engine as the trainer drives it (TrainStep on the engine:
+           engine(images), accelerator.backward, which also steps the optimizer, the scheduler);
   flags    + the trainer's per-step StepFlags (the stop / non-finite check);
   flags2   the same with the flags read two steps later instead of one (StepFlags(lag=2)), which
            lets the host run one more step ahead of the GPU;
@@ -42,12 +43,13 @@ from torch.utils.tensorboard import SummaryWriter
 from benchmarks.timing import Timer, cuda_intervals, eager_ops_per_call, short_gaps_us
 from benchmarks.workloads import from_loader
 from pipeline import trainer
+from pipeline.build import build_model, make_loss_terms, make_optimizer, prepare_engine, stage_mode, trainable_parameters
 from pipeline.config import load_config
 from pipeline.data import build_loader
 from pipeline.data.generate import ensure_generated
 from pipeline.distributed import make_accelerator, use_bf16
-from pipeline.graphed_step import GraphedStep
 from pipeline.schedule import make_scheduler
+from pipeline.step import StepFlags, TrainStep
 
 
 def parse_args(argv=None):
@@ -77,23 +79,19 @@ def build(cfg: dict, run_dir: str):
     """The trainer's own pieces, put together as `pipeline.trainer` does for the joint stage."""
     accelerator = make_accelerator(cfg, run_dir)
     on_gpu = accelerator.device.type == "cuda"
-    mode = trainer.stage_mode(cfg, "joint")
+    mode = stage_mode(cfg, "joint")
     torch.manual_seed(cfg["seed"])
-    model = trainer.build_model(cfg).set_mode(mode)
+    model = build_model(cfg).set_mode(mode)
     ensure_generated(cfg["data"])
     loader = build_loader(cfg["data"], "train", device_id=accelerator.local_process_index if on_gpu else None,
                           seed=cfg["seed"])
-    optimizer = trainer.make_optimizer(trainer.trainable_parameters(model, mode), cfg["optim"],
-                                       cfg["data"]["batch_size"])
+    optimizer = make_optimizer(trainable_parameters(model, mode), cfg["optim"], cfg["data"]["batch_size"])
     scheduler = make_scheduler(optimizer, len(loader), [], cfg["optim"]["lr_decay"], 0)
-    engine, optimizer, scheduler = trainer.prepare_engine(accelerator, model, optimizer, scheduler,
-                                                          cfg["train"]["compile"])
+    engine, optimizer, scheduler = prepare_engine(accelerator, model, optimizer, scheduler, cfg["train"]["compile"])
     if accelerator.state.deepspeed_plugin.zero_stage != 0:  # the module row steps the torch SGD itself
         raise SystemExit(f"{cfg['train']['deepspeed_config']} is ZeRO-{accelerator.state.deepspeed_plugin.zero_stage};"
                          " this benchmark needs ZeRO-0 (the CIFAR jobs' jobs/deepspeed/zero0.json)")
-    loss_terms = trainer.make_loss_terms(mode, cfg["loss"], loader.mean, loader.std)
-    if cfg["train"]["compile"] != "none":
-        loss_terms = torch.compile(loss_terms, mode=cfg["train"]["compile"])
+    loss_terms = make_loss_terms(mode, cfg["loss"], loader.mean, loader.std, cfg["train"]["compile"])
     return accelerator, engine, optimizer, scheduler, loss_terms, loader, use_bf16(cfg, on_gpu)
 
 
@@ -109,49 +107,29 @@ def step_functions(accelerator, engine, optimizer, scheduler, loss_terms, loader
         images, labels = source()
         return (images if bf16 else images.float()), labels
 
-    def module_step():
-        images, labels = batch_of(fixed_batch)
-        if compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            out = engine.module(images)
-        terms = loss_terms(images, out.logits, out.gates, labels)
-        terms["loss"].backward()
-        engine.optimizer.step()
-        engine.optimizer.zero_grad(set_to_none=True)
+    # The bare model step: the engine's module and the torch SGD it holds, stepped directly.
+    module_step = TrainStep(engine.module, engine.optimizer, loss_terms, bf16=bf16, compiled=compiled)
 
-    def trainer_step(source, flags_lag, log=None, graphed=None):
-        flags = trainer.StepFlags(accelerator.device, lag=flags_lag) if flags_lag else None
+    def trainer_step(source, flags_lag, log=None, cuda_graph=False):
+        flags = StepFlags(accelerator.device, lag=flags_lag) if flags_lag else None
+        train_step = TrainStep(engine, optimizer, loss_terms, bf16=bf16, scheduler=scheduler, accelerator=accelerator,
+                               compiled=compiled, cuda_graph=cuda_graph, flags=flags,
+                               on_non_finite=lambda terms, step: None)  # timed, not checked
         done = [0]  # steps
 
         def step():
-            images, labels = batch_of(source)
-            if graphed is not None:
-                terms, gates = graphed(images, labels)
-            else:
-                if compiled:
-                    torch.compiler.cudagraph_mark_step_begin()
-                out = engine(images)
-                terms, gates = loss_terms(images, out.logits, out.gates, labels), out.gates
-            if flags is not None:
-                flags.push(False, terms, 0)
-            if graphed is None:
-                accelerator.backward(terms["loss"])
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
+            terms, gates, _ = train_step(*batch_of(source))
             done[0] += 1
             if log is not None and done[0] % log[1] == 0:
                 writer, _, mode = log
                 trainer._log_train(writer, done[0], terms, gates, scheduler, 0.0, mode)
         return step
 
-    rows = {"module": module_step, "engine": trainer_step(fixed_batch, 0), "flags": trainer_step(fixed_batch, 1),
-            "flags2": trainer_step(fixed_batch, 2), "loader": trainer_step(loader_batch, 1),
-            "logged": trainer_step(loader_batch, 1, log)}
-    if device_type == "cuda" and graph_whole_step:
-        graphed = GraphedStep(engine.module, engine.optimizer, loss_terms, *batch_of(fixed_batch), bf16)
-        rows["graphed"] = trainer_step(loader_batch, 1, log, graphed)
+    rows = {"module": lambda: module_step(*batch_of(fixed_batch)), "engine": trainer_step(fixed_batch, 0),
+            "flags": trainer_step(fixed_batch, 1), "flags2": trainer_step(fixed_batch, 2),
+            "loader": trainer_step(loader_batch, 1), "logged": trainer_step(loader_batch, 1, log)}
+    if device_type == "cuda" and graph_whole_step:  # captured on its first call, in the warm-up
+        rows["graphed"] = trainer_step(loader_batch, 1, log, cuda_graph=True)
     return rows
 
 
@@ -163,7 +141,7 @@ def main(argv=None) -> dict:
         parts = build(cfg, str(Path(tmp) / "run"))
         device = parts[0].device
         writer = SummaryWriter(str(Path(tmp) / "tensorboard"))
-        log = (writer, cfg["train"]["log_every"], trainer.stage_mode(cfg, "joint"))
+        log = (writer, cfg["train"]["log_every"], stage_mode(cfg, "joint"))
         steps = step_functions(*parts, compiled=args.compile != "none", log=log,
                                graph_whole_step=args.compile in ("none", "default"))
         rows = list(steps)

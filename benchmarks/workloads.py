@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import rdinet
-from pipeline.graphed_step import GraphedStep
+from pipeline.step import TrainStep
 from rdinet import srm
 from rdinet.losses import total_loss
 
@@ -33,36 +33,26 @@ def make_training_model(arch: str, classes: int, mode: str, device):
     return model
 
 
+def cross_entropy(images, logits, gates, labels):
+    """The static network's loss terms, in TrainStep's loss_terms signature."""
+    return {"loss": F.cross_entropy(logits.float(), labels)}
+
+
 def train_step_fn(model, batch_source, bf16: bool, mean, std, joint: bool, cuda_graph: bool = False):
     """One training step per call: SGD on the classification loss (static) or eq. 16 (joint).
     With cuda_graph the whole step is captured on the first batch and replayed (GraphedStep, as
     train.cuda_graph trains), with the fused SGD that a replay needs."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4, fused=cuda_graph or None)
-    device_type = next(model.parameters()).device.type
 
     def loss_terms(images, logits, gates, labels):
         if not joint:
-            return {"loss": F.cross_entropy(logits.float(), labels)}
+            return cross_entropy(images, logits, gates, labels)
         hist = srm.color_histograms(images, bins=16, mean=mean, std=std)
         return total_loss(logits.float(), labels, gates.float(), hist, t=0.5, alpha=0.2)
 
-    def step():
-        images, labels = batch_source()
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(images)
-        loss_terms(images, out.logits, out.gates, labels)["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    captured = []
-
-    def graphed_step():
-        images, labels = batch_source()
-        if not captured:
-            captured.append(GraphedStep(model, opt, loss_terms, images, labels, bf16))
-        captured[0](images, labels)
-    return graphed_step if cuda_graph else step
+    train_step = TrainStep(model, opt, loss_terms, bf16=bf16, cuda_graph=cuda_graph)
+    return lambda: train_step(*batch_source())
 
 
 def synthetic(batch: int, size: int, classes: int, device):

@@ -195,7 +195,7 @@ def evaluate_run(run_dir: Path, stage: str, data_overrides: list[str], path_grou
     from pipeline import checkpoint as ckpt
     from pipeline.config import _merge, parse_overrides, with_defaults
     from pipeline.data import build_loader
-    from pipeline.trainer import build_model, stage_mode
+    from pipeline.build import build_model, stage_mode
 
     manifest = ckpt.read_manifest(run_dir / stage)
     if manifest is None:

@@ -1,11 +1,12 @@
 """One training stage (USW warm-up or joint), resumable, on a DeepSpeed engine prepared by accelerate.
 
-Reads top to bottom: build the model, loaders and optimizer; resume from the latest checkpoint;
-train epoch by epoch with validation; export the final weights and manifest.
+run_stage runs a Stage, whose methods read in order: setup (the model, loaders and engine, from
+pipeline.build), resume (the latest checkpoint), make_step (pipeline.step's TrainStep), then
+run_epoch and end_epoch (validation, checkpoint) epoch by epoch, and export (the final weights
+and manifest).
 """
 from __future__ import annotations
 
-import collections
 import functools
 import math
 import os
@@ -15,22 +16,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-import rdinet
-from rdinet import srm
-from rdinet.losses import total_loss
 from pipeline import checkpoint as ckpt
-from pipeline.config import MODEL_ARGS
+from pipeline.build import build_model, init_weights, make_loss_terms, make_optimizer, prepare_engine, stage_mode, \
+    trainable_parameters
 from pipeline.data import build_loader
 from pipeline.data.defaults import resolve as resolve_data
 from pipeline.data.generate import ensure_generated
 from pipeline.distributed import make_accelerator, use_bf16
 from pipeline.evaluate import evaluate
-from pipeline.graphed_step import GraphedStep
 from pipeline.rundir import REQUEUE_EXIT, mark_stopped_for_requeue
-from pipeline.schedule import make_scheduler, scaled_lr
+from pipeline.schedule import make_scheduler
+from pipeline.step import StepFlags, TrainStep
 
 
 class StopRequested:
@@ -56,123 +54,6 @@ def process_stopper() -> StopRequested:
     return _STOPPER
 
 
-def stage_mode(cfg: dict, stage: str) -> str:
-    return "uniform" if stage == "warmup" else cfg["stages"]["joint"]["mode"]
-
-
-def build_model(cfg: dict):
-    return rdinet.create_model(**{name: cfg["model"][name] for name in MODEL_ARGS})
-
-
-def init_weights(model, cfg: dict, stage: str, run_dir: Path, log) -> None:
-    """Joint after a warm-up starts from its export: blocks loaded, routers fresh (section 3.4)."""
-    if stage == "joint" and cfg["stages"]["warmup"]["epochs"] > 0:
-        weights = ckpt.load_final_weights(run_dir / "warmup", cfg["model"]["arch"], cfg["model"]["num_classes"])
-        blocks = {k: v for k, v in weights.items() if not k.startswith("routers.")}
-        missing, unexpected = model.load_state_dict(blocks, strict=False)
-        missing = [k for k in missing if not k.startswith("routers.")]
-        if missing or unexpected:
-            raise ValueError(f"warm-up export does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        log(f"joint: blocks initialised from {run_dir / 'warmup' / 'final'}; routers fresh")
-    elif cfg["model"]["pretrained"]:
-        from rdinet.backbones import load_torchvision_weights
-        load_torchvision_weights(model, cfg["model"]["pretrained"])
-        log(f"blocks initialised from torchvision weights {cfg['model']['pretrained']}")
-
-
-def trainable_parameters(model, mode: str):
-    """Routers train only in joint mode; elsewhere they are frozen so DeepSpeed sees no unused grads."""
-    for p in model.router_parameters():
-        p.requires_grad_(mode == "joint")
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-class StepFlags:
-    """Did any rank get a stop signal or a non-finite loss? One small all-reduce per step, started
-    asynchronously and read `lag` steps later, so the host never waits for the step it just queued
-    (on a GPU, a per-step host sync would stall the launch queue of these many small kernels).
-    Reading step n's flags waits until the GPU has finished step n's loss, so `lag` also caps how
-    many steps the host can run ahead of the GPU.
-
-    On a GPU the reduced flags are copied to pinned host memory as soon as they are ready, on a
-    stream of their own and behind an event. Reading them on the device one step later
-    (`.tolist()`) would queue the copy behind the forward pass the host has just launched, and
-    wait for that; copying them on the training stream would make it wait for every rank."""
-
-    def __init__(self, device, lag: int = 1):
-        self.device, self.lag = device, lag
-        self.pending = collections.deque()
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def push(self, stop: bool, terms: dict, step: int):
-        """Queue this step's flags; return the outcome of the step `lag` steps back (see `resolve`)."""
-        # torch.full fills on the device; torch.tensor(x, device=...) would copy from the host
-        # and wait for the GPU to drain first.
-        flags = torch.stack([torch.full((), float(stop), device=self.device),
-                             (~torch.isfinite(terms["loss"].detach())).float()])
-        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
-        wait = work.wait
-        if self.copy_stream is not None:
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            copied = torch.cuda.Event()
-            with torch.cuda.stream(self.copy_stream):
-                work.wait()  # NCCL: this stream waits for the reduce; the host does not
-                host.copy_(flags, non_blocking=True)
-                copied.record()
-            flags.record_stream(self.copy_stream)
-            flags, wait = host, copied.synchronize
-        # Copies: compiled (CUDA graph) outputs are overwritten by the next step's replay.
-        self.pending.append((wait, flags, {k: v.detach().clone() for k, v in terms.items()}, step))
-        return self.resolve(self.pending.popleft() if len(self.pending) > self.lag else None)
-
-    def drain(self):
-        """The outcome of every step still pending: a stop anywhere, the first non-finite loss."""
-        outcomes = [self.resolve(item) for item in self.pending]
-        self.pending.clear()
-        return any(stop for stop, _ in outcomes), next((bad for _, bad in outcomes if bad), None)
-
-    @staticmethod
-    def resolve(item):
-        """(stop requested anywhere, (terms, step) of a non-finite loss or None)."""
-        if item is None:
-            return False, None
-        wait, flags, terms, step = item
-        wait()
-        stop, bad = flags.tolist()
-        return stop > 0, ((terms, step) if bad > 0 else None)
-
-
-def make_optimizer(params, optim_cfg: dict, global_batch: int):
-    """SGD with the job's settings, fused: one kernel per step, not one per group of tensors."""
-    return torch.optim.SGD(params, lr=scaled_lr(optim_cfg, global_batch), momentum=optim_cfg["momentum"],
-                           weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"], fused=True)
-
-
-def prepare_engine(accelerator, model, optimizer, scheduler, compile_mode: str):
-    """The DeepSpeed engine (with its optimizer and scheduler wrappers), set up for speed."""
-    engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    zero_stage = accelerator.state.deepspeed_plugin.zero_stage
-    if zero_stage == 0:
-        # Weights channels_last like the loader's images. A contiguous weight gets a channels_last
-        # gradient from the convolution, which autograd then copies into the weight's layout: one
-        # copy per convolution per step, outside the compiled graph. Only after prepare: DeepSpeed
-        # broadcasts each weight as bytes, which needs it contiguous. (ZeRO-1/2 point the weights
-        # into their flat partitions, which a new layout would cut loose.)
-        accelerator.unwrap_model(engine).to(memory_format=torch.channels_last)
-        # DeepSpeed's ZeRO-0 step clears the gradients by walking module.named_parameters(): 0.6 ms
-        # of host time a step for RDI-Net-110, whose compiled step leaves the host little to spare.
-        # The optimizer holds the same tensors (every parameter that gets a gradient) in a list.
-        engine.zero_grad = functools.partial(engine.optimizer.zero_grad, set_to_none=True)
-        if accelerator.num_processes == 1:
-            # An all-reduce over one rank is the identity, yet DeepSpeed's ZeRO-0 path flattens all
-            # gradients, reduces the copy and copies them back one by one: 605 small kernels and
-            # their Python per step for ResNet-110. (ZeRO-1/2 keep it: their reduce fills the partitions.)
-            engine.enable_backward_allreduce = False
-    if compile_mode != "none":  # training shapes are static (soft gates blend); evaluation stays eager
-        engine.compile(compile_kwargs={"mode": compile_mode})
-    return engine, optimizer, scheduler
-
-
 def state_in_parameter_layout(optimizer) -> None:
     """Give each optimizer state tensor its parameter's memory layout. The fused SGD reads weight,
     gradient and momentum as flat memory: a momentum saved contiguous (by a run from before the
@@ -181,20 +62,6 @@ def state_in_parameter_layout(optimizer) -> None:
         for key, value in state.items():
             if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                 state[key] = torch.empty_like(param).copy_(value)
-
-
-def make_loss_terms(mode: str, loss_cfg: dict, mean, std):
-    """(images, logits, gates, labels) -> the step's loss terms: eq. 16 in joint mode, else L_cls."""
-    def loss_terms(images, logits, gates, labels):
-        logits = logits.float()
-        if mode != "joint":
-            cls = F.cross_entropy(logits, labels)
-            return {"loss": cls, "cls": cls}
-        hist = srm.color_histograms(images, bins=loss_cfg["bins"], mean=mean, std=std) \
-            if loss_cfg["alpha"] > 0 else None
-        return total_loss(logits, labels, gates.float(), hist, t=loss_cfg["t"], alpha=loss_cfg["alpha"],
-                          phi=loss_cfg["phi"], tie_eps=loss_cfg["tie_eps"], cost_over=loss_cfg["cost_over"])
-    return loss_terms
 
 
 def _raise_non_finite(stage: str, bad, ckpt_dir: Path):
@@ -208,7 +75,7 @@ def run_stage(cfg: dict, stage: str, run_dir: Path, on_start=None) -> int:
     """Train one stage; returns 0 when complete, REQUEUE_EXIT when stopped by a signal. `on_start()`
     is called on every rank once the stage has started: its model built and its data loaders made."""
     try:
-        return _run_stage(cfg, stage, run_dir, on_start or (lambda: None))
+        return Stage(cfg, stage, run_dir).run(on_start or (lambda: None))
     finally:
         # The next stage builds its own engine in this process. accelerate allows one DeepSpeed
         # plugin per AcceleratorState, so forget it (the process group itself stays up).
@@ -217,191 +84,220 @@ def run_stage(cfg: dict, stage: str, run_dir: Path, on_start=None) -> int:
         GradientState._reset_state()
 
 
-def _run_stage(cfg: dict, stage: str, run_dir: Path, on_start) -> int:
-    stage_dir = run_dir / stage
-    ckpt_dir = stage_dir / "checkpoints"
-    stopper = process_stopper()
-    accelerator = make_accelerator(cfg, str(run_dir))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    log = accelerator.print
-    on_gpu = accelerator.device.type == "cuda"
-    bf16 = use_bf16(cfg, on_gpu)
-    tcfg, stage_cfg = cfg["train"], cfg["stages"][stage]
-    mode = stage_mode(cfg, stage)
+class Stage:
+    """One stage in this process: setup (model, loaders, engine), resume (the latest checkpoint),
+    then run_epoch and end_epoch (validation, checkpoint) until the last epoch, and export."""
 
-    if tcfg["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.manual_seed(cfg["seed"])  # identical init everywhere (DeepSpeed broadcasts rank 0's too)
-    model = build_model(cfg)
-    init_weights(model, cfg, stage, run_dir, log)
-    model.set_mode(mode)
-    torch.manual_seed(cfg["seed"] * 1000 + rank + (1 if stage == "joint" else 0))  # per-rank Gumbel/USW noise
+    def __init__(self, cfg: dict, stage: str, run_dir: Path):
+        self.cfg, self.stage, self.run_dir = cfg, stage, run_dir
+        self.stage_dir = run_dir / stage
+        self.ckpt_dir = self.stage_dir / "checkpoints"
+        self.tcfg, self.stage_cfg = cfg["train"], cfg["stages"][stage]
+        self.mode = stage_mode(cfg, stage)
+        self.epochs = self.stage_cfg["epochs"]
 
-    data_cfg = cfg["data"]
-    if data_cfg["generate"]:
-        ensure_generated(data_cfg)
-    device_id = accelerator.local_process_index if on_gpu else None
-    train_loader = build_loader(data_cfg, "train", shard_id=rank, num_shards=world, device_id=device_id, seed=cfg["seed"])
-    val_loader = build_loader(data_cfg, "val", shard_id=rank, num_shards=world, device_id=device_id, seed=cfg["seed"])
-    on_start()
-    steps_per_epoch = len(train_loader)
-    global_batch = data_cfg["batch_size"] * world
+    def run(self, on_start) -> int:
+        self.setup(on_start)
+        self.resume()
+        self.make_step()
+        while self.state["epoch"] < self.epochs:
+            code = self.run_epoch()
+            if code is not None:
+                return code
+        return self.export()
 
-    optimizer = make_optimizer(trainable_parameters(model, mode), cfg["optim"], global_batch)
-    scheduler = make_scheduler(optimizer, steps_per_epoch, stage_cfg["milestones"], cfg["optim"]["lr_decay"],
-                               cfg["optim"]["warmup_epochs"])
-    engine, optimizer, scheduler = prepare_engine(accelerator, model, optimizer, scheduler, tcfg["compile"])
-    net = accelerator.unwrap_model(engine)
-    compiled = tcfg["compile"] != "none"
+    def setup(self, on_start) -> None:
+        """The accelerator, the model with its starting weights, the loaders and the engine."""
+        cfg, stage = self.cfg, self.stage
+        self.stopper = process_stopper()
+        self.accelerator = accelerator = make_accelerator(cfg, str(self.run_dir))
+        rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.log = accelerator.print
+        on_gpu = accelerator.device.type == "cuda"
+        self.bf16 = use_bf16(cfg, on_gpu)
 
-    state = {"stage": stage, "step": 0, "epoch": 0, "batch_in_epoch": 0}
-    latest = ckpt.latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        state = ckpt.load_checkpoint(accelerator, latest, train_loader)
-        if accelerator.state.deepspeed_plugin.zero_stage == 0:  # the torch SGD's own state
-            state_in_parameter_layout(optimizer.optimizer)
-        log(f"{stage}: resumed from {latest} (epoch {state['epoch']}, step {state['step']})")
-    log(f"{stage}: {world} process(es), DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, "
-        f"{'bf16 autocast' if bf16 else 'fp32'}, mode {mode}, {steps_per_epoch} steps/epoch, "
-        f"{'compile ' + tcfg['compile'] + ', ' if compiled else ''}"
-        f"global batch {global_batch}")
+        if self.tcfg["deterministic"]:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.manual_seed(cfg["seed"])  # identical init everywhere (DeepSpeed broadcasts rank 0's too)
+        model = build_model(cfg)
+        init_weights(model, cfg, stage, self.run_dir, self.log)
+        model.set_mode(self.mode)
+        torch.manual_seed(cfg["seed"] * 1000 + rank + (1 if stage == "joint" else 0))  # per-rank Gumbel/USW noise
 
-    writer = None
-    if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir / "tensorboard" / stage), purge_step=state["step"] + 1)
+        data_cfg = cfg["data"]
+        if data_cfg["generate"]:
+            ensure_generated(data_cfg)
+        loader = functools.partial(build_loader, data_cfg, shard_id=rank, num_shards=self.world, seed=cfg["seed"],
+                                   device_id=accelerator.local_process_index if on_gpu else None)
+        self.train_loader, self.val_loader = loader("train"), loader("val")
+        on_start()
+        self.steps_per_epoch = len(self.train_loader)
+        self.global_batch = data_cfg["batch_size"] * self.world
 
-    def save():
-        # Never let a checkpoint hold non-finite weights: the last one saved stays the last good one.
-        finite = torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all().float()
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            raise FloatingPointError(f"{stage}: non-finite weights after step {state['step']}; not saved. "
-                                     f"The last good checkpoint is kept in {ckpt_dir}; lower optim.lr.")
-        ckpt.save_checkpoint(accelerator, ckpt_dir, state, train_loader, tcfg["keep_checkpoints"])
+        optimizer = make_optimizer(trainable_parameters(model, self.mode), cfg["optim"], self.global_batch)
+        scheduler = make_scheduler(optimizer, self.steps_per_epoch, self.stage_cfg["milestones"],
+                                   cfg["optim"]["lr_decay"], cfg["optim"]["warmup_epochs"])
+        self.engine, self.optimizer, self.scheduler = prepare_engine(accelerator, model, optimizer, scheduler,
+                                                                     self.tcfg["compile"])
+        self.net = accelerator.unwrap_model(self.engine)
 
-    metrics = state.get("metrics", {})  # a stage resumed after its last validation still exports them
-    flags = StepFlags(accelerator.device)
-    epochs = stage_cfg["epochs"]
-    loss_terms = make_loss_terms(mode, cfg["loss"], train_loader.mean, train_loader.std)
-    if compiled:  # the SRM histograms, rank and cost terms: a few fused kernels instead of ~40
-        loss_terms = torch.compile(loss_terms, mode=tcfg["compile"])
-    cache_counts = compile_cache_counts() if compiled else None  # logged once, after the epoch that compiled
-    graphed_step, graphed = tcfg["cuda_graph"] and _can_graph_step(accelerator, log, stage), None
-    if graphed_step and _decodes_jpegs_on_gpu(cfg["data"]):
-        log(f"{stage}: data.decode_device=mixed under train.cuda_graph: the captured step leaves the GPU no idle "
-            "time, and the JPEG decoder's per-image GPU work waits behind it, so each step waits for its batch; "
-            "data.decode_device=cpu fed RDI-Net-50 at 0.99 of synthetic-data speed against 0.87-0.88 (H200, 16 cores)")
-    hard_from = hard_tail_start(stage_cfg, mode)
-    # The stage's pace is this process's: steps restored from a checkpoint took no time here.
-    pace_since, pace_first_step, stage_steps = time.perf_counter(), state["step"], epochs * steps_per_epoch
+    def resume(self) -> None:
+        """The state of the latest checkpoint, if any; the stage's summary line; TensorBoard."""
+        accelerator, stage, tcfg = self.accelerator, self.stage, self.tcfg
+        zero_stage = accelerator.state.deepspeed_plugin.zero_stage
+        self.state = {"stage": stage, "step": 0, "epoch": 0, "batch_in_epoch": 0}
+        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        if latest is not None:
+            self.state = ckpt.load_checkpoint(accelerator, latest, self.train_loader)
+            if zero_stage == 0:  # the torch SGD's own state
+                state_in_parameter_layout(self.optimizer.optimizer)
+            self.log(f"{stage}: resumed from {latest} (epoch {self.state['epoch']}, step {self.state['step']})")
+        compiled = tcfg["compile"] != "none"
+        self.log(f"{stage}: {self.world} process(es), DeepSpeed ZeRO-{zero_stage}, "
+                 f"{'bf16 autocast' if self.bf16 else 'fp32'}, mode {self.mode}, {self.steps_per_epoch} steps/epoch, "
+                 f"{'compile ' + tcfg['compile'] + ', ' if compiled else ''}"
+                 f"global batch {self.global_batch}")
+        self.writer = None
+        if accelerator.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard" / stage), purge_step=self.state["step"] + 1)
+        self.metrics = self.state.get("metrics", {})  # a stage resumed after its last validation still exports them
 
-    def eta() -> str:
-        return stage_eta(state["step"], pace_first_step, time.perf_counter() - pace_since, stage_steps)
+    def make_step(self) -> None:
+        """The training step (eager, or one CUDA graph with train.cuda_graph) and the stage's clocks."""
+        stage, tcfg = self.stage, self.tcfg
+        compiled = tcfg["compile"] != "none"
+        loss_terms = make_loss_terms(self.mode, self.cfg["loss"], self.train_loader.mean, self.train_loader.std,
+                                     tcfg["compile"])
+        self.cache_counts = compile_cache_counts() if compiled else None  # logged once, after the epoch that compiled
+        cuda_graph = tcfg["cuda_graph"] and _can_graph_step(self.accelerator, self.log, stage)
+        if cuda_graph and _decodes_jpegs_on_gpu(self.cfg["data"]):
+            self.log(f"{stage}: data.decode_device=mixed under train.cuda_graph: the captured step leaves the GPU no "
+                     "idle time, and the JPEG decoder's per-image GPU work waits behind it, so each step waits for its "
+                     "batch; data.decode_device=cpu keeps the decoding off the GPU (docs/performance.md)")
+        self.step = TrainStep(self.engine, self.optimizer, loss_terms, bf16=self.bf16, scheduler=self.scheduler,
+                              accelerator=self.accelerator, compiled=compiled, cuda_graph=cuda_graph,
+                              flags=StepFlags(self.accelerator.device), stop_requested=lambda: self.stopper.flag,
+                              on_non_finite=lambda terms, step: _raise_non_finite(stage, (terms, step), self.ckpt_dir))
+        self.hard_from = hard_tail_start(self.stage_cfg, self.mode)
+        # The stage's pace is this process's: steps restored from a checkpoint took no time here.
+        self.pace_since, self.pace_first_step = time.perf_counter(), self.state["step"]
 
-    while state["epoch"] < epochs:
-        engine.train()
-        net.set_mode(mode)
-        if state["epoch"] >= hard_from and not net.straight_through:
-            net.straight_through = True
-            graphed = None  # the captured step read the soft rule at capture: capture it again
-            log(f"{stage}: epochs {hard_from + 1}-{epochs} train with hard decisions (stages.joint.hard_tail)")
-        progress = _progress(accelerator, tcfg, stage, state, steps_per_epoch, epochs, eta())
+    def eta(self) -> str:
+        return stage_eta(self.state["step"], self.pace_first_step, time.perf_counter() - self.pace_since,
+                         self.epochs * self.steps_per_epoch)
+
+    def run_epoch(self) -> int | None:
+        """Train the rest of the epoch, then end it; REQUEUE_EXIT when stopped, else None."""
+        state, tcfg = self.state, self.tcfg
+        self.engine.train()
+        self.net.set_mode(self.mode)
+        if state["epoch"] >= self.hard_from and not self.net.straight_through:
+            self.net.straight_through = True
+            self.step.recapture()  # the captured step read the soft rule at capture
+            self.log(f"{self.stage}: epochs {self.hard_from + 1}-{self.epochs} train with hard decisions "
+                     "(stages.joint.hard_tail)")
+        progress = _progress(self.accelerator, tcfg, self.stage, state, self.steps_per_epoch, self.epochs, self.eta())
         tick, seen, requeue = time.perf_counter(), 0, False
-        for images, labels in train_loader:
-            if not bf16:
+        for images, labels in self.train_loader:
+            if not self.bf16:
                 images = images.float()
-            if graphed_step:  # the update is part of the replay
-                if graphed is None:  # captured here, after any resume has loaded the state
-                    graphed = GraphedStep(net, optimizer.optimizer, loss_terms, images, labels, bf16)
-                terms, gates = graphed(images, labels)
-            else:
-                if compiled:  # a new step: CUDA graph outputs of the previous one may be overwritten
-                    torch.compiler.cudagraph_mark_step_begin()
-                out = engine(images)
-                terms, gates = loss_terms(images, out.logits, out.gates, labels), out.gates
-            stop, bad = flags.push(stopper.flag, terms, state["step"] + 1)
-            if bad:
-                _raise_non_finite(stage, bad, ckpt_dir)
-            if not graphed_step:
-                accelerator.backward(terms["loss"])
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
+            terms, gates, stop = self.step(images, labels, state["step"] + 1)
             state["step"] += 1
             state["batch_in_epoch"] += 1
-            seen += images.shape[0] * world
+            seen += images.shape[0] * self.world
             if progress is not None:
                 progress.update(1)
-            if writer is not None and state["step"] % tcfg["log_every"] == 0:
-                rate = seen / (time.perf_counter() - tick)
-                _log_train(writer, state["step"], terms, gates, scheduler, rate, mode)
-                if progress is not None:
-                    progress.set_description_str(_epoch_label(stage, state, epochs, eta()), refresh=False)
-                    progress.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}", img_s=f"{rate:.0f}")
+            if self.writer is not None and state["step"] % tcfg["log_every"] == 0:
+                self.log_train(progress, terms, gates, seen / (time.perf_counter() - tick))
             requeue = stop or state["step"] == tcfg["stop_at_step"]
-            if state["batch_in_epoch"] == steps_per_epoch:
+            if state["batch_in_epoch"] == self.steps_per_epoch:
                 break  # the epoch's end (validation, checkpoint) is handled below
             if requeue:
                 if progress is not None:  # ends the bar's line: the messages that follow start on their own
                     progress.close()
-                save()
-                return _exit_for_requeue(accelerator, run_dir, stage, state["step"], log)
+                self.save()
+                return self.exit_for_requeue()
             if tcfg["checkpoint_every"] > 0 and state["step"] % tcfg["checkpoint_every"] == 0:
-                save()
+                self.save()
         if progress is not None:
             progress.close()
-        stop, bad = flags.drain()  # waits for the last step's flags, so the GPU has caught up
+        return self.end_epoch(tick, seen, requeue)
+
+    def log_train(self, progress, terms, gates, rate: float) -> None:
+        _log_train(self.writer, self.state["step"], terms, gates, self.scheduler, rate, self.mode)
+        if progress is not None:
+            progress.set_description_str(_epoch_label(self.stage, self.state, self.epochs, self.eta()), refresh=False)
+            progress.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}", img_s=f"{rate:.0f}")
+
+    def end_epoch(self, tick: float, seen: int, requeue: bool) -> int | None:
+        """The epoch's report, validation when due and its checkpoint; REQUEUE_EXIT when a stop
+        came in the epoch and epochs are left, else None."""
+        stage, state = self.stage, self.state
+        stop, bad = self.step.flags.drain()  # waits for the last step's flags, so the GPU has caught up
         epoch_s = time.perf_counter() - tick
-        log(f"{stage} epoch {state['epoch'] + 1}/{epochs}: trained {seen} images in {epoch_s:.1f} s "
-            f"({seen / epoch_s:.0f} img/s), stage ETA {eta()}")
+        self.log(f"{stage} epoch {state['epoch'] + 1}/{self.epochs}: trained {seen} images in {epoch_s:.1f} s "
+                 f"({seen / epoch_s:.0f} img/s), stage ETA {self.eta()}")
         if bad:
-            _raise_non_finite(stage, bad, ckpt_dir)
-        if cache_counts is not None:
-            loaded, built = (now - before for now, before in zip(compile_cache_counts(), cache_counts))
-            log(f"{stage}: torch.compile: {loaded} graph(s) loaded from the cache in "
-                f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')}, {built} compiled")
-            cache_counts = None
-        requeue = requeue or stop
+            _raise_non_finite(stage, bad, self.ckpt_dir)
+        if self.cache_counts is not None:
+            loaded, built = (now - before for now, before in zip(compile_cache_counts(), self.cache_counts))
+            self.log(f"{stage}: torch.compile: {loaded} graph(s) loaded from the cache in "
+                     f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')}, {built} compiled")
+            self.cache_counts = None
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
-        if state["epoch"] % tcfg["eval_every"] == 0 or state["epoch"] == epochs:
-            eval_mode = "full" if mode == "uniform" else mode
-            metrics = evaluate(engine, net, val_loader, accelerator, eval_mode, cfg, bf16)
-            state["metrics"] = metrics
-            log(f"{stage} epoch {state['epoch']}/{epochs}: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-            if writer is not None:
-                _log_eval(writer, state["step"], metrics)
-        save()
-        if requeue and state["epoch"] < epochs:
-            return _exit_for_requeue(accelerator, run_dir, stage, state["step"], log)
+        if state["epoch"] % self.tcfg["eval_every"] == 0 or state["epoch"] == self.epochs:
+            eval_mode = "full" if self.mode == "uniform" else self.mode
+            self.metrics = evaluate(self.engine, self.net, self.val_loader, self.accelerator, eval_mode, self.cfg,
+                                    self.bf16)
+            state["metrics"] = self.metrics
+            self.log(f"{stage} epoch {state['epoch']}/{self.epochs}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in self.metrics.items() if isinstance(v, float)))
+            if self.writer is not None:
+                _log_eval(self.writer, state["step"], self.metrics)
+        self.save()
+        if (requeue or stop) and state["epoch"] < self.epochs:
+            return self.exit_for_requeue()
+        return None
 
-    if accelerator.is_main_process:
-        manifest = {"stage": stage, "job": cfg["job"], "arch": cfg["model"]["arch"],
-                    "num_classes": cfg["model"]["num_classes"], "mode": mode, "epochs": epochs,
-                    "steps": state["step"], "world_size": world, "metrics": metrics, "config": cfg}
-        final = ckpt.export_final(stage_dir, net.state_dict(), manifest)
-        log(f"{stage}: complete; exported {final}")
-        writer.close()
-    accelerator.wait_for_everyone()
-    return 0
+    def save(self) -> None:
+        # Never let a checkpoint hold non-finite weights: the last one saved stays the last good one.
+        finite = torch.stack([torch.isfinite(p).all() for p in self.net.parameters()]).all().float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            raise FloatingPointError(f"{self.stage}: non-finite weights after step {self.state['step']}; not saved. "
+                                     f"The last good checkpoint is kept in {self.ckpt_dir}; lower optim.lr.")
+        ckpt.save_checkpoint(self.accelerator, self.ckpt_dir, self.state, self.train_loader,
+                             self.tcfg["keep_checkpoints"])
+
+    def exit_for_requeue(self) -> int:
+        """Once the step's checkpoint is complete on every rank: say so, mark the run (pipeline.rundir)
+        for the launchers, and return the requeue code."""
+        self.log(f"{self.stage}: stop requested; checkpoint written at step {self.state['step']}; exiting for requeue")
+        if self.accelerator.is_main_process:
+            mark_stopped_for_requeue(self.run_dir, self.stage, self.state["step"])
+        return REQUEUE_EXIT
+
+    def export(self) -> int:
+        """The final weights and manifest (rank 0), once every epoch has run."""
+        cfg = self.cfg
+        if self.accelerator.is_main_process:
+            manifest = {"stage": self.stage, "job": cfg["job"], "arch": cfg["model"]["arch"],
+                        "num_classes": cfg["model"]["num_classes"], "mode": self.mode, "epochs": self.epochs,
+                        "steps": self.state["step"], "world_size": self.world, "metrics": self.metrics, "config": cfg}
+            final = ckpt.export_final(self.stage_dir, self.net.state_dict(), manifest)
+            self.log(f"{self.stage}: complete; exported {final}")
+            self.writer.close()
+        self.accelerator.wait_for_everyone()
+        return 0
 
 
 def hard_tail_start(stage_cfg: dict, mode: str) -> float:
     """The first epoch of the joint stage's straight-through tail (inf: none)."""
     tail = round(stage_cfg["epochs"] * stage_cfg["hard_tail"]) if mode == "joint" else 0
     return stage_cfg["epochs"] - tail if tail > 0 else math.inf
-
-
-def _exit_for_requeue(accelerator, run_dir: Path, stage: str, step: int, log) -> int:
-    """Once step's checkpoint is complete on every rank: say so, mark the run (pipeline.rundir) for
-    the launchers, and return the requeue code."""
-    log(f"{stage}: stop requested; checkpoint written at step {step}; exiting for requeue")
-    if accelerator.is_main_process:
-        mark_stopped_for_requeue(run_dir, stage, step)
-    return REQUEUE_EXIT
 
 
 def _can_graph_step(accelerator, log, stage: str) -> bool:

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import rdinet
+from pipeline.build import make_loss_terms
 from pipeline.config import DEFAULTS
 from pipeline.graphed_step import GraphedStep
-from pipeline.trainer import make_loss_terms
+from pipeline.step import TrainStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 MEAN, STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
@@ -83,3 +84,20 @@ def test_graphed_joint_step_trains_and_its_replay_never_waits_for_the_gpu(compil
     assert all(torch.isfinite(loss) for loss in losses)
     assert len({float(loss) for loss in losses}) == len(losses)  # a new batch, new weights each replay
     assert not torch.equal(router, start)
+
+
+def test_train_step_replays_its_capture_until_recapture():
+    """TrainStep with cuda_graph, as the trainer drives it: captured on the first call, replayed
+    for the calls after, captured again after recapture() (the hard-tail switch)."""
+    model = net("joint")
+    step = TrainStep(model, sgd(model), make_loss_terms("joint", DEFAULTS["loss"], MEAN, STD), bf16=True,
+                     cuda_graph=True)
+    data = batches(3, size=64)
+    step(*data[0])
+    first = step.graphed
+    terms, gates, stop = step(*data[1])
+    assert step.graphed is first and not stop and gates.shape[0] == 64
+    model.straight_through = True
+    step.recapture()
+    terms, _, _ = step(*data[2])
+    assert step.graphed is not first and torch.isfinite(terms["loss"])

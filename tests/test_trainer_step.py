@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.build import make_loss_terms
 from pipeline.config import DEFAULTS
-from pipeline.trainer import make_loss_terms, stage_eta
+from pipeline.trainer import stage_eta
 from rdinet import srm
 from rdinet.losses import total_loss
 
@@ -25,7 +26,8 @@ ENGINE_SETUP = textwrap.dedent("""
     import rdinet
     from pipeline.config import load_config
     from pipeline.distributed import make_accelerator
-    from pipeline.trainer import StepFlags, make_optimizer, prepare_engine
+    from pipeline.build import make_optimizer, prepare_engine
+    from pipeline.step import StepFlags
 
     cfg = load_config(None, ["train.deepspeed_config=jobs/deepspeed/zero0.json", "data.batch_size=8",
                              "train.precision=fp32",  # the reference runs in fp32; a GPU would pick bf16
@@ -192,7 +194,7 @@ def test_step_flags_report_stop_and_non_finite_loss_lag_steps_later_without_wait
     """StepFlags against what each step pushed. On a GPU, CUDA's sync debug mode checks that push
     never synchronises with the stream (the work queued after a step's flags is never waited for)."""
     import torch.distributed as dist
-    from pipeline.trainer import StepFlags
+    from pipeline.step import StepFlags
 
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path / 'pg'}",
                             rank=0, world_size=1)
@@ -254,3 +256,66 @@ def test_stage_eta_is_the_pace_of_this_process_times_the_steps_left():
     assert stage_eta(20, 0, 3600.0, 40) == "1:00:00"
     assert stage_eta(40, 25, 30.0, 40) == "00:00"  # the stage's last step
     assert stage_eta(25, 25, 5.0, 40) == "?"  # nothing run here yet (just resumed)
+
+
+def test_train_step_is_the_plain_step_and_stops_at_a_non_finite_loss_before_its_backward(tmp_path):
+    """TrainStep on a plain module: the weights of a hand-written forward, backward, SGD and
+    scheduler steps and zero_grad, bit for bit; with flags, a non-finite loss raises before the
+    backward of the step that reads it, so that step changes no weight."""
+    import copy
+    import types
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from pipeline.step import StepFlags, TrainStep
+
+    class Net(torch.nn.Module):  # a module that returns (logits, gates) as RDI-Net does, small
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 10)
+
+        def forward(self, images):
+            features = self.norm(self.conv(images)).relu().mean((2, 3))
+            return types.SimpleNamespace(logits=self.fc(features), gates=features.sigmoid())
+
+    def loss_terms(images, logits, gates, labels):
+        return {"loss": F.cross_entropy(logits.float(), labels)}
+
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model)
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
+    optimizer, ref_optimizer = sgd(model), sgd(reference)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    ref_scheduler = torch.optim.lr_scheduler.StepLR(ref_optimizer, step_size=1, gamma=0.5)
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))) for _ in range(3)]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        bad = []
+        step = TrainStep(model, optimizer, loss_terms, scheduler=scheduler, flags=StepFlags(torch.device("cpu")),
+                         stop_requested=lambda: True, on_non_finite=lambda terms, n: bad.append(n))
+        for n, (images, labels) in enumerate(batches, start=1):
+            terms, gates, stop = step(images, labels, n)
+            assert stop == (n > 1)  # the flags read a step late
+            loss_terms(images, reference(images).logits, None, labels)["loss"].backward()
+            ref_optimizer.step()
+            ref_scheduler.step()
+            ref_optimizer.zero_grad(set_to_none=True)
+        assert float(terms["loss"].detach()) > 0 and gates is not None
+        for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert bad == [] and all(p.grad is None for p in model.parameters())
+
+        with torch.no_grad():
+            model.fc.weight.fill_(float("nan"))
+        step = TrainStep(model, optimizer, loss_terms, flags=StepFlags(torch.device("cpu")))
+        step(*batches[0], 4)  # a NaN loss, reported by the next step's flags
+        params = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(FloatingPointError, match="non-finite loss at step 4"):
+            step(*batches[1], 5)
+        for p, before in zip(model.parameters(), params):  # step 5 stopped before its backward
+            torch.testing.assert_close(p.detach(), before, rtol=0, atol=0, equal_nan=True)
+    finally:
+        dist.destroy_process_group()
+

@@ -44,6 +44,7 @@ DATA_DEFAULTS = {
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 SPLITS = ("train", "val")
+READER = "Reader"  # the ImageNet pipeline's file reader, by which name the loader's DALI iterator finds it
 
 # Per-channel mean and std of the training images, in 0..1 (the usual published values).
 _MEAN_STD_01 = {

@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 from . import cifar, imagenet
-from .defaults import MEAN_STD, resolve
+from .defaults import MEAN_STD, READER, resolve
 from .errors import DataError
 
-READER = "Reader"  # the file reader's name in the ImageNet pipeline
 # CIFAR: batches per DALI iteration by default, so that one iteration holds about this many
 # images. DALI's cost per iteration (scheduling, the source callback, the iterator's Python) is
 # paid on the thread that launches the training step, so fewer, larger iterations pay it less

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-from .loader import READER  # the name DALI's iterator finds the reader by
+from .defaults import READER
 
 CIFAR_PAD = 4  # random crop 32 from the image zero-padded by 4 pixels on each side
 
