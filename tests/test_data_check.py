@@ -1,4 +1,4 @@
-"""The preflight check: check_dataset() and `python -m pipeline.data.check` in a subprocess."""
+"""The preflight check: check_dataset() and `python -m pipeline.check_data` in a subprocess."""
 import os
 import pickle
 import shutil
@@ -63,7 +63,7 @@ def write_job(tmp_path, dataset):
 
 
 def run_check(job, root, *extra):
-    return subprocess.run([sys.executable, "-m", "pipeline.data.check", "--job", job, "--set", f"data.root={root}",
+    return subprocess.run([sys.executable, "-m", "pipeline.check_data", "--job", job, "--set", f"data.root={root}",
                            "--workers", "2", *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -160,3 +160,10 @@ def test_cli_on_missing_imagenet_prints_the_layout_and_how_to_make_it(tmp_path):
     for fix in ("<root>/train/<wnid>/*.JPEG", "ILSVRC2012_devkit_t12.tar.gz",
                 f"torchvision.datasets.ImageNet('{root}', split=s) for s in ('train', 'val')"):
         assert fix in result.stdout, result.stdout
+
+
+def test_the_old_command_names_the_new_one():
+    """`python -m pipeline.data.check` (the command's first home) must not pass silently."""
+    old = subprocess.run([sys.executable, "-m", "pipeline.data.check", "--job", "job.yaml"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert old.returncode != 0 and "python -m pipeline.check_data" in old.stderr

@@ -182,7 +182,7 @@ def test_imagenet_undecodable_file_fails_with_a_pointer_to_the_check(imagenet_ro
         data = data[:200] + bytes(255 - b for b in data[200:])
     with open(path, "wb") as f:
         f.write({"corrupt": data, "truncated": data[: len(data) // 2], "empty": b""}[damage])
-    with pytest.raises(DataError, match=r"python -m pipeline.data.check") as error:
+    with pytest.raises(DataError, match=r"python -m pipeline.check_data") as error:
         for split in ("val", "train"):
             for _ in build_loader(imagenet(imagenet_root), split):
                 pass

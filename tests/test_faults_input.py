@@ -120,5 +120,5 @@ def test_a_truncated_jpeg_met_in_training_stops_the_run_with_its_name(tmp_path):
     code, out = run(cmd, tmp_path / "log")
     assert code == 2, tail(out)
     assert "error: DALI failed on a batch of epoch 0: Failed to decode sample" in out and str(jpeg) in out, tail(out)
-    assert "python -m pipeline.data.check" in out
+    assert "python -m pipeline.check_data" in out
     assert fingerprint(run_dir / "warmup" / "final") == warmup

@@ -1,8 +1,5 @@
 """Preflight check of a job's dataset: every bad file, listed by path, before a run starts.
-
-    python -m pipeline.data.check --job jobs/imagenet_r50.yaml --set data.root=/data/imagenet
-
-Exits 0 with a one-line summary when the dataset is usable, 1 after listing every problem.
+Its command, which reads the job file, is pipeline.check_data.
 
 What counts as bad: a missing root, split or file; an empty class folder; a val class that train/
 lacks; a malformed file list; an image that does not decode (corrupt, truncated, empty, not an
@@ -13,12 +10,10 @@ Our choice for images that decode but are not what their name says: DALI's decod
 content (output_type RGB), not the extension, so grayscale and CMYK JPEGs and a PNG (or other
 format) named .JPEG train correctly; real ImageNet holds a few of each. They are accepted and
 listed as notes (a non-JPEG under a .JPEG name, so it can be converted if wanted), as are files in
-class folders whose names are not image names (not samples: the loader leaves them out); --strict
-makes notes fail the check too. Exit status 2: the job or its data section cannot be used.
+class folders whose names are not image names (not samples: the loader leaves them out).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -105,36 +100,5 @@ def check_dataset(data_cfg: dict, *, workers: int | None = None) -> Report:
     return _check_cifar(cfg)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.data.check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--job", required=True, help="job file (YAML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. data.root=/data/imagenet (repeatable)")
-    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: all CPUs)")
-    parser.add_argument("--strict", action="store_true", help="fail on notes too")
-    args = parser.parse_args(argv)
-
-    from pipeline.config import load_config
-
-    try:
-        data_cfg = load_config(args.job, args.set)["data"]
-        report = check_dataset(data_cfg, workers=args.workers)
-    except ValueError as err:  # ConfigError, or DataError from a bad data section
-        print(f"error: {err}")
-        return 2
-    for note in report.notes:
-        print(f"note: {note}")
-    for problem in report.problems:
-        print(f"bad: {problem}")
-    failed = report.problems or (args.strict and report.notes)
-    where = f"{data_cfg['dataset']} at {data_cfg['root']}"
-    if failed:
-        print(f"FAILED: {len(report.problems)} problem(s), {len(report.notes)} note(s) in {where}")
-        return 1
-    print(f"OK: {report.samples} images in {where}, no problems ({len(report.notes)} note(s))")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command moved up a level, where job files are read
+    sys.exit("the dataset check is `python -m pipeline.check_data --job JOB`")

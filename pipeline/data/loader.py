@@ -33,7 +33,7 @@ from .errors import DataError
 # often (docs/performance.md, "Data loading").
 CIFAR_SAMPLES_PER_RUN = 1024
 
-CHECK_HINT = "run `python -m pipeline.data.check --job JOB --set data.root={root}` to list every unreadable file"
+CHECK_HINT = "run `python -m pipeline.check_data --job JOB --set data.root={root}` to list every unreadable file"
 
 
 def _shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
