@@ -67,9 +67,12 @@ class StepFlags:
         return stop > 0, ((terms, step) if bad > 0 else None)
 
 
+def non_finite_message(terms: dict, step: int) -> str:
+    return f"non-finite loss at step {step}: { {k: float(v) for k, v in terms.items()} }"
+
+
 def raise_non_finite(terms: dict, step: int):
-    values = {k: float(v) for k, v in terms.items()}
-    raise FloatingPointError(f"non-finite loss at step {step}: {values}")
+    raise FloatingPointError(non_finite_message(terms, step))
 
 
 class TrainStep:

@@ -28,7 +28,7 @@ from pipeline.distributed import make_accelerator, use_bf16
 from pipeline.evaluate import evaluate
 from pipeline.rundir import REQUEUE_EXIT, mark_stopped_for_requeue
 from pipeline.schedule import make_scheduler
-from pipeline.step import StepFlags, TrainStep
+from pipeline.step import StepFlags, TrainStep, non_finite_message
 
 
 class StopRequested:
@@ -65,9 +65,7 @@ def state_in_parameter_layout(optimizer) -> None:
 
 
 def _raise_non_finite(stage: str, bad, ckpt_dir: Path):
-    terms, step = bad
-    values = {k: float(v) for k, v in terms.items()}
-    raise FloatingPointError(f"{stage}: non-finite loss at step {step}: {values}. The last good checkpoint is "
+    raise FloatingPointError(f"{stage}: {non_finite_message(*bad)}. The last good checkpoint is "
                              f"kept in {ckpt_dir}; lower optim.lr or check the data.")
 
 
