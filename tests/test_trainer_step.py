@@ -118,6 +118,38 @@ def test_one_zero0_process_updates_weights_as_plain_sgd_does_without_syncing_the
     assert int(line.split()[9]) == 0, line
 
 
+# The trainer's step on the engine with train.cuda_graph: TrainStep captures the module and the
+# torch SGD behind accelerate's wrappers on the first batch, then replays; the scheduler steps eagerly.
+CAPTURED_ENGINE_SCRIPT = ENGINE_SETUP + textwrap.dedent("""
+    from pipeline.step import TrainStep
+    cross_entropy = lambda images, logits, gates, labels: {"loss": F.cross_entropy(logits.float(), labels)}
+    step = TrainStep(engine, optimizer, cross_entropy, scheduler=scheduler, accelerator=accelerator, cuda_graph=True)
+    start = [p.detach().clone() for p in net.parameters()]
+    losses = []
+    for n in range(4):
+        images = torch.randn(8, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 10, (8,), device=device)
+        terms, _, _ = step(images, labels, n)
+        losses.append(float(terms["loss"]))
+        F.cross_entropy(reference(images).logits, labels).backward()
+        ref_optimizer.step(); ref_optimizer.zero_grad()
+    moved = max((p - q).abs().max().item() for p, q in zip(net.parameters(), start))
+    worst = max((p - q).abs().max().item() for p, q in zip(net.parameters(), reference.parameters()))
+    print(f"captured {step.graphed is not None} losses {len(set(losses))} moved {moved:.3g} worst {worst:.3g}")
+""")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_engines_step_captured_as_one_cuda_graph_updates_weights_as_plain_sgd_does(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", CAPTURED_ENGINE_SCRIPT, str(tmp_path), "0.5"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    fields = next(line for line in proc.stdout.splitlines() if line.startswith("captured")).split()
+    assert fields[1] == "True" and fields[3] == "4", fields  # replayed on each new batch
+    assert float(fields[5]) > 1e-3, fields  # the replays changed the weights
+    assert float(fields[7]) < 1e-5, fields
+
+
 TWO_RANK_SCRIPT = ENGINE_SETUP + textwrap.dedent("""
     layout = all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
     start = [p.detach().clone() for p in net.parameters()]
