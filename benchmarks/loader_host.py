@@ -59,7 +59,7 @@ def main():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     forward = torch.compile(model, mode="reduce-overhead")
 
-    # The loss on float logits, outside autocast: the cross-entropy autocast would run in float32.
+    # TrainStep takes the loss outside autocast, on float logits: as autocast runs cross_entropy.
     step = TrainStep(forward, optimizer, cross_entropy, bf16=True, compiled=True)
 
     images = torch.randn(256, 3, 32, 32, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)

@@ -64,11 +64,6 @@ def state_in_parameter_layout(optimizer) -> None:
                 state[key] = torch.empty_like(param).copy_(value)
 
 
-def _raise_non_finite(stage: str, bad, ckpt_dir: Path):
-    raise FloatingPointError(f"{stage}: {non_finite_message(*bad)}. The last good checkpoint is "
-                             f"kept in {ckpt_dir}; lower optim.lr or check the data.")
-
-
 def run_stage(cfg: dict, stage: str, run_dir: Path, on_start=None) -> int:
     """Train one stage; returns 0 when complete, REQUEUE_EXIT when stopped by a signal. `on_start()`
     is called on every rank once the stage has started: its model built and its data loaders made."""
@@ -93,6 +88,7 @@ class Stage:
         self.tcfg, self.stage_cfg = cfg["train"], cfg["stages"][stage]
         self.mode = stage_mode(cfg, stage)
         self.epochs = self.stage_cfg["epochs"]
+        self.compiled = self.tcfg["compile"] != "none"
 
     def run(self, on_start) -> int:
         self.setup(on_start)
@@ -151,10 +147,9 @@ class Stage:
             if zero_stage == 0:  # the torch SGD's own state
                 state_in_parameter_layout(self.optimizer.optimizer)
             self.log(f"{stage}: resumed from {latest} (epoch {self.state['epoch']}, step {self.state['step']})")
-        compiled = tcfg["compile"] != "none"
         self.log(f"{stage}: {self.world} process(es), DeepSpeed ZeRO-{zero_stage}, "
                  f"{'bf16 autocast' if self.bf16 else 'fp32'}, mode {self.mode}, {self.steps_per_epoch} steps/epoch, "
-                 f"{'compile ' + tcfg['compile'] + ', ' if compiled else ''}"
+                 f"{'compile ' + tcfg['compile'] + ', ' if self.compiled else ''}"
                  f"global batch {self.global_batch}")
         self.writer = None
         if accelerator.is_main_process:
@@ -165,19 +160,19 @@ class Stage:
     def make_step(self) -> None:
         """The training step (eager, or one CUDA graph with train.cuda_graph) and the stage's clocks."""
         stage, tcfg = self.stage, self.tcfg
-        compiled = tcfg["compile"] != "none"
         loss_terms = make_loss_terms(self.mode, self.cfg["loss"], self.train_loader.mean, self.train_loader.std,
                                      tcfg["compile"])
-        self.cache_counts = compile_cache_counts() if compiled else None  # logged once, after the epoch that compiled
+        # Logged once, after the epoch that compiled.
+        self.cache_counts = compile_cache_counts() if self.compiled else None
         cuda_graph = tcfg["cuda_graph"] and _can_graph_step(self.accelerator, self.log, stage)
         if cuda_graph and _decodes_jpegs_on_gpu(self.cfg["data"]):
             self.log(f"{stage}: data.decode_device=mixed under train.cuda_graph: the captured step leaves the GPU no "
                      "idle time, and the JPEG decoder's per-image GPU work waits behind it, so each step waits for its "
                      "batch; data.decode_device=cpu keeps the decoding off the GPU (docs/performance.md)")
         self.step = TrainStep(self.engine, self.optimizer, loss_terms, bf16=self.bf16, scheduler=self.scheduler,
-                              accelerator=self.accelerator, compiled=compiled, cuda_graph=cuda_graph,
+                              accelerator=self.accelerator, compiled=self.compiled, cuda_graph=cuda_graph,
                               flags=StepFlags(self.accelerator.device), stop_requested=lambda: self.stopper.flag,
-                              on_non_finite=lambda terms, step: _raise_non_finite(stage, (terms, step), self.ckpt_dir))
+                              on_non_finite=self.raise_non_finite)
         self.hard_from = hard_tail_start(self.stage_cfg, self.mode)
         # The stage's pace is this process's: steps restored from a checkpoint took no time here.
         self.pace_since, self.pace_first_step = time.perf_counter(), self.state["step"]
@@ -238,7 +233,7 @@ class Stage:
         self.log(f"{stage} epoch {state['epoch'] + 1}/{self.epochs}: trained {seen} images in {epoch_s:.1f} s "
                  f"({seen / epoch_s:.0f} img/s), stage ETA {self.eta()}")
         if bad:
-            _raise_non_finite(stage, bad, self.ckpt_dir)
+            self.raise_non_finite(*bad)
         if self.cache_counts is not None:
             loaded, built = (now - before for now, before in zip(compile_cache_counts(), self.cache_counts))
             self.log(f"{stage}: torch.compile: {loaded} graph(s) loaded from the cache in "
@@ -259,6 +254,10 @@ class Stage:
         if (requeue or stop) and state["epoch"] < self.epochs:
             return self.exit_for_requeue()
         return None
+
+    def raise_non_finite(self, terms: dict, step: int):
+        raise FloatingPointError(f"{self.stage}: {non_finite_message(terms, step)}. The last good checkpoint is "
+                                 f"kept in {self.ckpt_dir}; lower optim.lr or check the data.")
 
     def save(self) -> None:
         # Never let a checkpoint hold non-finite weights: the last one saved stays the last good one.
